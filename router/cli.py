@@ -1,0 +1,130 @@
+"""The `overflow-router` command line (also `python -m router`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from router.config import ConfigError, RouterConfig, load_config
+from router.ledger import Ledger
+from router.model import CentreState, CentreView, Service, Snapshot, decision_record
+from router.policy import Policy
+
+EXIT_CONFIG = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _pairs(values: Sequence[str], flag: str, convert: Callable[[str], object]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for raw in values:
+        force, sep, value = raw.partition("=")
+        if not sep or not force:
+            raise SystemExit(f"{flag}: expected FORCE=VALUE, got {raw!r}")
+        try:
+            out[force] = convert(value)
+        except ValueError:
+            raise SystemExit(f"{flag}: bad value {value!r} for {force}") from None
+    return out
+
+
+def _load(path: str) -> RouterConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    print(f"{args.config}: valid — {len(cfg.forces)} forces")
+    print(f"{'force':8} {'handlers':>8} {'queue':>9} {'aid cap':>9}  999 partners (weight) / 101")
+    for fid, f in cfg.forces.items():
+        c, aid = f.centre, f.mutual_aid
+        routes = {
+            s: " ".join(f"{r.to}({r.weight})" for r in f.overflow[s]) or "-" for s in Service
+        }
+        print(f"{fid:8} {c.handlers_on_duty:>8} {c.overflow_queue:>4}/{c.max_queue:<4} "
+              f"{aid.max_concurrent:>4}/{aid.reserve_999:<4}  {routes[Service.EMERGENCY]} "
+              f"/ {routes[Service.NON_EMERGENCY]}")
+    tokens = ", ".join(f"{t.role}<-${t.env}" for t in cfg.service.tokens) or "none"
+    print(f"tokens: {tokens}")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    unknown = ({args.origin} | set(args.states) | set(args.loads)) - set(cfg.forces)
+    if unknown:
+        print(f"unknown force: {', '.join(sorted(unknown))} (known: {', '.join(cfg.forces)})",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    # a what-if starts from every centre normal; --state changes the ones asked about
+    centres = {fid: CentreView(CentreState(args.states.get(fid, "normal"))) for fid in cfg.forces}
+    snapshot = Snapshot(centres)
+    ledger = Ledger()
+    for fid, calls in args.loads.items():
+        ledger.preload(fid, int(calls))  # type: ignore[call-overload]
+    policy = Policy(cfg)
+    service = Service(args.service)
+    decided_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    for i in range(1, args.count + 1):
+        call_id = f"whatif-{i}"
+        decision = policy.decide(service, args.origin, snapshot, ledger, now=0.0)
+        ledger.add(call_id, decision, now=0.0)  # simultaneous: each call stays in flight
+        print(json.dumps(decision_record(decision, call_id, f"whatif-{i}", decided_at)))
+    return 0
+
+
+def _state(value: str) -> str:
+    return CentreState(value).value
+
+
+def _count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise ValueError(value)
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="overflow-router", description="Automatic failover of 999 and 101 calls between forces."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a config; exit 2 listing every error")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("route", help="offline what-if: where would the next N calls go?")
+    p.add_argument("config")
+    p.add_argument("--service", required=True, choices=[s.value for s in Service])
+    p.add_argument("--origin", required=True)
+    p.add_argument("--state", action="append", default=[], metavar="FORCE=STATE",
+                   help=f"centre state ({', '.join(s.value for s in CentreState)}); default normal")
+    p.add_argument("--load", action="append", default=[], metavar="FORCE=N",
+                   help="calls already in flight at that force")
+    p.add_argument("--count", type=int, default=1, help="simultaneous calls to decide")
+    p.set_defaults(func=cmd_route)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "route":
+        args.states = _pairs(args.state, "--state", _state)
+        args.loads = _pairs(args.load, "--load", _count)
+        if args.count < 1:
+            parser.error("--count must be at least 1")
+    func: Command = args.func
+    return func(args)
