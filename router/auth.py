@@ -46,12 +46,18 @@ class TokenBook:
 
     def __init__(self, tokens: tuple[Token, ...], environ: Mapping[str, str] = os.environ):
         self._entries: list[tuple[bytes, Principal]] = []
+        self.load(tokens, environ)
+
+    def load(self, tokens: tuple[Token, ...], environ: Mapping[str, str] = os.environ) -> None:
+        """(Re)read the tokens, e.g. after a config reload; replaces every entry at once."""
+        entries = []
         for token in tokens:
             secret = environ.get(token.env, "")
             if not secret:
                 continue  # an unset variable grants nothing
             role, _, force = token.role.partition(":")
-            self._entries.append((secret.encode(), Principal(role, force or None, token.env)))
+            entries.append((secret.encode(), Principal(role, force or None, token.env)))
+        self._entries = entries
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from router.config import ConfigError, RouterConfig, load_config
 from router.ledger import Ledger
@@ -84,6 +88,46 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from router.service import serve
+
+    if _load(args.config) is None:
+        return EXIT_CONFIG
+    _logging()
+    asyncio.run(serve(Path(args.config), args.host, args.port))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from router.demo import run_demo
+
+    _logging()
+    return asyncio.run(run_demo(port=args.port, duration_s=args.duration))
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from router import admin
+
+    try:
+        if args.command == "status":
+            out = asyncio.run(admin.status(args.url))
+        elif args.command == "override":
+            out = asyncio.run(admin.override(args.url, args.force, args.state, args.reason,
+                                             args.minutes))
+        else:
+            out = asyncio.run(admin.clear_override(args.url, args.force))
+    except admin.AdminError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def _logging() -> None:
+    logging.basicConfig(level=os.environ.get("OVERFLOW_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
 def _state(value: str) -> str:
     return CentreState(value).value
 
@@ -115,6 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls already in flight at that force")
     p.add_argument("--count", type=int, default=1, help="simultaneous calls to decide")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("run", help="the service")
+    p.add_argument("--config", required=True)
+    p.add_argument("--host", default=None, help="default: service.listen.host from the config")
+    p.add_argument("--port", type=int, default=None, help="default: service.listen.port")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the service on simulated centres, with a Met outage")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(func=cmd_demo)
+
+    url = os.environ.get("OVERFLOW_URL", "http://127.0.0.1:8080")
+    p = sub.add_parser("status", help="state of every centre and where 999 calls go")
+    p.add_argument("--url", default=url)
+    p.set_defaults(func=_admin)
+    p = sub.add_parser("override", help="declare a centre's state (manager)")
+    p.add_argument("force")
+    p.add_argument("state", choices=[s.value for s in CentreState if s is not CentreState.UNKNOWN])
+    p.add_argument("--reason", required=True)
+    p.add_argument("--for", dest="minutes", type=float, default=None, metavar="MINUTES")
+    p.add_argument("--url", default=url)
+    p.set_defaults(func=_admin)
+    p = sub.add_parser("clear-override", help="end a declaration (manager)")
+    p.add_argument("force")
+    p.add_argument("--url", default=url)
+    p.set_defaults(func=_admin)
     return parser
 
 

@@ -163,6 +163,7 @@ class ServiceSettings(Strict):
     listen: Listen = Listen()
     max_call_duration_s: PosFloat = 3600.0
     tokens: tuple[Token, ...] = ()
+    audit_log: str = "/var/lib/overflow-router/audit.jsonl"  # declarations and state changes
 
 
 class Mqtt(Strict):

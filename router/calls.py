@@ -1,0 +1,103 @@
+"""The call desk: the one place calls are decided, counted and ended.
+
+It wraps the pure engine with what a live service needs: the clock, decision ids, idempotent
+retries of the same call, metrics, and expiry of calls whose end was never reported.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from router import metrics
+from router.config import RouterConfig
+from router.ledger import Ledger
+from router.model import Service, Snapshot, decision_record
+from router.policy import Policy
+
+
+class CallConflict(Exception):
+    """The same call_id was routed before for another service or origin."""
+
+
+class CallDesk:
+    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic):
+        self.policy = Policy(config)
+        self.ledger = Ledger()
+        self.max_call_duration_s = config.service.max_call_duration_s
+        self._clock = clock
+        self._records: dict[str, dict[str, str]] = {}
+        self._boot = uuid.uuid4().hex[:8]
+        self._seq = 0
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        """Swap the rules; calls in flight stay counted against the forces carrying them."""
+        self.policy = Policy(config)
+        self.max_call_duration_s = config.service.max_call_duration_s
+
+    def route(self, call_id: str, service: Service, origin: str,
+              snapshot: Snapshot) -> tuple[dict[str, str], bool]:
+        """Decide a call; a retry of a call in flight gets its first decision again.
+
+        Returns the contract's decision record and whether it was newly decided.
+        """
+        known = self._records.get(call_id)
+        if known is not None:
+            if known["service"] != service.value or known["origin"] != origin:
+                raise CallConflict(
+                    f"call {call_id} was routed as {known['service']} from {known['origin']}")
+            return known, False
+        now = self._clock()
+        started = time.perf_counter()
+        decision = self.policy.decide(service, origin, snapshot, self.ledger, now)
+        metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+        self.ledger.add(call_id, decision, now)
+        self._seq += 1
+        record = decision_record(decision, call_id, f"{self._boot}-{self._seq:x}",
+                                 datetime.now(UTC).isoformat(timespec="milliseconds"))
+        self._records[call_id] = record
+        metrics.CALLS_ROUTED.labels(service.value, origin, decision.destination,
+                                    decision.reason.value).inc()
+        metrics.CALLS_IN_FLIGHT.labels(decision.destination).inc()
+        return record, True
+
+    def end(self, call_id: str) -> bool:
+        """Free a call's capacity; ending an unknown or ended call is a harmless no-op."""
+        call = self.ledger.end(call_id)
+        if call is None:
+            return False
+        self._records.pop(call_id, None)
+        metrics.CALLS_IN_FLIGHT.labels(call.destination).dec()
+        return True
+
+    def expire(self) -> int:
+        """End calls older than the configured maximum: a lost hang-up must not leak capacity."""
+        stale = self.ledger.expire(self._clock(), self.max_call_duration_s)
+        for call in stale:
+            self._records.pop(call.call_id, None)
+            metrics.CALLS_IN_FLIGHT.labels(call.destination).dec()
+            metrics.CALLS_EXPIRED.labels(call.destination).inc()
+        return len(stale)
+
+    def routing_table(self, snapshot: Snapshot) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        """Current shares per origin and service, as published on MQTT and the API."""
+        now = self._clock()
+        table: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for origin in self.policy.config.forces:
+            table[origin] = {
+                service.value: [
+                    {"destination": s.destination, "share": round(s.share, 4),
+                     "reason": s.reason.value, "rule": s.rule}
+                    for s in self.policy.plan(service, origin, snapshot, self.ledger, now)
+                ]
+                for service in Service
+            }
+        return table
+
+    def load(self, force: str) -> dict[str, int]:
+        """Calls a force carries now, and how many of them are mutual aid."""
+        ledger = self.ledger
+        return {"in_flight": ledger.in_flight.get(force, 0), "aid": ledger.aid.get(force, 0)}
