@@ -1,4 +1,4 @@
-"""Run every benchmark, or the ones named: `python -m bench [engine failover service handoff sip]`."""
+"""Run every benchmark, or those named: `python -m bench [engine failover service handoff sip]`."""
 
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ async def call(url: str, method: str, path: str, body: dict[str, Any] | None = N
             text = await resp.text()
             data = json.loads(text) if text else {}
             if resp.status >= 400:
-                raise AdminError(f"{resp.status} {data.get('error', '')}: {data.get('message', text)}")
+                message = data.get("message", text)
+                raise AdminError(f"{resp.status} {data.get('error', '')}: {message}")
             return data
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise AdminError(f"cannot reach {url}: {exc or type(exc).__name__}") from None

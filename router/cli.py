@@ -141,7 +141,8 @@ def _count(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="overflow-router", description="Automatic failover of 999 and 101 calls between forces."
+        prog="overflow-router",
+        description="Automatic failover of 999 and 101 calls between forces.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -75,7 +75,7 @@ class Shed101(Strict):
 
 class Centre(Strict):
     handlers_on_duty: NonNegInt
-    overflow_queue: NonNegInt  # calls waiting at home beyond which, when overloaded, the excess overflows
+    overflow_queue: NonNegInt  # calls waiting beyond which, when overloaded, the excess overflows
     max_queue: NonNegInt  # calls waiting at home beyond which even a normal centre overflows
     answer_target_s: PosFloat = 10.0
     overload: Overload | None = None
@@ -163,7 +163,7 @@ class ServiceSettings(Strict):
     listen: Listen = Listen()
     max_call_duration_s: PosFloat = 3600.0
     tokens: tuple[Token, ...] = ()
-    audit_log: str = "/var/lib/overflow-router/audit.jsonl"  # declarations and state changes
+    audit_log: str = "var/audit.jsonl"  # declarations and state changes
 
 
 class Mqtt(Strict):
@@ -209,8 +209,8 @@ class Health(Strict):
 
 
 class Handoff(Strict):
-    store: str = "sqlite:///var/lib/overflow-router/handoffs.db"
-    spool_dir: str = "/var/lib/overflow-router/spool"
+    store: str = "sqlite:///var/handoffs.db"
+    spool_dir: str = "var/spool"
     deadlines_s: dict[Literal["P1", "P2", "P3", "P4"], PosFloat] = {
         "P1": 60.0,
         "P2": 300.0,

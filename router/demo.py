@@ -19,7 +19,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -135,14 +134,21 @@ def demo_config(workdir: Path, http_port: int, mqtt_port: int | None) -> tuple[R
     return RouterConfig.model_validate(raw), sip_ports
 
 
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 @contextlib.asynccontextmanager
 async def mqtt_broker() -> AsyncIterator[int | None]:
     """The configured local broker if one answers; else a private Mosquitto; else none."""
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 1883), timeout=0.5):
+    if _listening(1883):
         yield 1883
         return
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
-                                           if Path("/usr/sbin/mosquitto").exists() else None)
+    binary = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
     if binary is None:
         print("  (no MQTT broker: install mosquitto for telemetry; probes alone will do)")
         yield None
@@ -151,14 +157,18 @@ async def mqtt_broker() -> AsyncIterator[int | None]:
     with tempfile.NamedTemporaryFile("w", suffix=".conf") as conf:
         conf.write(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
         conf.flush()
-        proc = subprocess.Popen([binary, "-c", conf.name], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-c", conf.name, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
         try:
-            await asyncio.sleep(0.3)
+            for _ in range(50):
+                if _listening(port):
+                    break
+                await asyncio.sleep(0.1)
             yield port
         finally:
             proc.terminate()
-            proc.wait(5)
+            await proc.wait()
 
 
 # ---- the show -------------------------------------------------------------------------------
@@ -372,8 +382,11 @@ async def run_demo(port: int = 8080, duration_s: float | None = None) -> int:
             service.watcher.add_listener(demo.on_snapshot)
             stop = asyncio.Event()
 
+            serving = asyncio.Event()
+
             async def started(bound: int) -> None:
                 demo.base = f"http://127.0.0.1:{bound}"
+                serving.set()
                 print(f"\noverflow-router demo — dashboard: {demo.base}/#token={tokens['manager']}")
                 print(f"  admin CLI: OVERFLOW_TOKEN={tokens['manager']} overflow-router status "
                       f"--url {demo.base}")
@@ -383,8 +396,7 @@ async def run_demo(port: int = 8080, duration_s: float | None = None) -> int:
                       f"+{OUTAGE_END_S:.0f}s, every {CYCLE_S:.0f}s; Ctrl-C stops.\n", flush=True)
 
             async def show() -> None:
-                while demo.base == "":
-                    await asyncio.sleep(0.05)
+                await serving.wait()
                 async with aiohttp.ClientSession(
                         timeout=aiohttp.ClientTimeout(total=5)) as session:
                     demo.t0 = time.monotonic()

@@ -29,7 +29,8 @@ class HttpError(web.HTTPException):
     def __init__(self, status: int, code: str, message: str, field: str | None = None):
         self.status_code = status
         super().__init__(
-            text=json.dumps({"error": code, "message": message, **({"field": field} if field else {})}),
+            text=json.dumps({"error": code, "message": message}
+                            | ({"field": field} if field else {})),
             content_type="application/json",
         )
 

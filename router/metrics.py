@@ -7,7 +7,8 @@ from prometheus_client import Counter, Gauge, Histogram
 STATES = ("unknown", "normal", "overloaded", "down", "draining", "recovering")
 
 CENTRE_STATE = Gauge(
-    "overflow_centre_state", "1 for the centre's current state, 0 for the others", ["force", "state"]
+    "overflow_centre_state", "1 for the centre's current state, 0 for the others",
+    ["force", "state"],
 )
 CENTRE_COMPONENT_UP = Gauge(
     "overflow_centre_component_up", "Telephony or CAD of a centre is up (1) or down (0)",

@@ -88,7 +88,8 @@ class Decision:
         return self.destination != self.origin
 
 
-def decision_record(decision: Decision, call_id: str, decision_id: str, decided_at: str) -> dict[str, str]:
+def decision_record(decision: Decision, call_id: str, decision_id: str,
+                    decided_at: str) -> dict[str, str]:
     """The contract's routing-decision JSON object."""
     record = {
         "call_id": call_id,

@@ -99,12 +99,9 @@ class Policy:
                 f.centre.shed_101.announcement, routes, aid.max_concurrent,
                 aid.max_concurrent - aid.reserve_999, aid.only_while_queue_below,
             )
-        self._wrr = {(fid, s): [0] * len(f.routes[s]) for fid, f in self._forces.items() for s in Service}
+        self._wrr = {(fid, s): [0] * len(f.routes[s])
+                     for fid, f in self._forces.items() for s in Service}
         self._credit: dict[tuple[str, Service], float] = {}
-
-    @property
-    def forces(self) -> Mapping[str, object]:
-        return self._forces
 
     # ---- the per-call decision ------------------------------------------------------------
 
@@ -137,9 +134,8 @@ class Policy:
             return 0.0, Reason.ORIGIN_DOWN, "state:down"
         if state is _DRAINING:
             return 0.0, Reason.ORIGIN_DRAINING, "state:draining"
-        if not view.cad_up:
-            if home.cad_down_overflows:
-                return 0.0, Reason.ORIGIN_CAD_DOWN, f"forces.{home.id}.centre.on_cad_down"
+        if not view.cad_up and home.cad_down_overflows:
+            return 0.0, Reason.ORIGIN_CAD_DOWN, f"forces.{home.id}.centre.on_cad_down"
         if state is _RECOVERING:
             step = min(int(max(now - view.since, 0.0) / self._ramp_step_s), len(self._ramp) - 1)
             return self._ramp[step], Reason.ORIGIN_RECOVERING, f"health.recovery.ramp[{step}]"
