@@ -1,0 +1,123 @@
+"""Diversion alerts: tell partners when a force's calls start, change or stop coming to them.
+
+NENA i3's "notify" action: a partner taking another force's calls should hear so from the
+router, not discover it from its queue. Each alert is published on `overflow/alerts` and
+POSTed to the `notify_url` of every partner named in the origin's overflow routes. Delivery
+runs in its own task with timeouts and a bounded queue, so a slow partner never delays routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from router.audit import iso
+from router.config import RouterConfig
+from router.model import CentreState, CentreView, Reason, Snapshot
+from router.mqtt import MqttLink
+
+log = logging.getLogger(__name__)
+
+POST_TIMEOUT_S = 2.0
+POST_ATTEMPTS = 3
+MAX_PENDING = 1000
+MAX_CONCURRENT_POSTS = 8
+
+
+def diversion(view: CentreView, on_cad_down: str) -> Reason | None:
+    """Why a centre's calls go to partners now, or None while it keeps them."""
+    if view.state is CentreState.DOWN or not view.telephony_up:
+        return Reason.ORIGIN_DOWN
+    if view.state is CentreState.DRAINING:
+        return Reason.ORIGIN_DRAINING
+    if view.state is CentreState.OVERLOADED:
+        return Reason.ORIGIN_OVERLOADED
+    if view.state is CentreState.RECOVERING:
+        return Reason.ORIGIN_RECOVERING
+    if not view.cad_up and on_cad_down == "overflow":
+        return Reason.ORIGIN_CAD_DOWN
+    return None
+
+
+class Alerter:
+    def __init__(self, config: RouterConfig, mqtt: MqttLink | None,
+                 wall_clock: Callable[[], float] = time.time):
+        self.config = config
+        self._mqtt = mqtt
+        self._wall = wall_clock
+        self._current: dict[str, Reason] = {}
+        self._outbox: deque[tuple[str, str, dict[str, Any]]] = deque(maxlen=MAX_PENDING)
+        self._wake = asyncio.Event()
+        self.sent: list[dict[str, Any]] = []  # recent alerts, newest last (for status pages)
+
+    def observe(self, snapshot: Snapshot) -> None:
+        """A snapshot listener: raise started/changed/stopped alerts. Never awaits."""
+        for origin, force in self.config.forces.items():
+            now = diversion(snapshot.get(origin), force.centre.on_cad_down)
+            before = self._current.get(origin)
+            if now == before:
+                continue
+            event = "started" if before is None else "stopped" if now is None else "changed"
+            if now is None:
+                del self._current[origin]
+            else:
+                self._current[origin] = now
+            self._raise(origin, event, now, before, snapshot.get(origin))
+
+    def _raise(self, origin: str, event: str, reason: Reason | None, before: Reason | None,
+               view: CentreView) -> None:
+        force = self.config.forces[origin]
+        partners = sorted({r.to for routes in force.overflow.values() for r in routes})
+        alert: dict[str, Any] = {
+            "type": "diversion", "event": event, "origin": origin, "state": view.state.value,
+            "reason": reason.value if reason else None,
+            "previous_reason": before.value if before else None,
+            "partners": partners, "at": iso(self._wall()),
+        }
+        log.warning("diversion %s for %s: %s", event, origin, alert["reason"] or before)
+        self.sent = [*self.sent[-49:], alert]
+        if self._mqtt is not None:
+            self._mqtt.publish("alerts", alert)
+        for partner in partners:
+            url = self.config.forces[partner].notify_url
+            if url:
+                if len(self._outbox) == self._outbox.maxlen:
+                    log.error("alert outbox full: dropping the oldest notification")
+                self._outbox.append((partner, url, alert))
+                self._wake.set()
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Deliver queued notifications until cancelled, a few at a time."""
+        slots = asyncio.Semaphore(MAX_CONCURRENT_POSTS)
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                while self._outbox:
+                    partner, url, alert = self._outbox.popleft()
+                    await slots.acquire()
+                    task = tg.create_task(self._post(session, partner, url, alert))
+                    task.add_done_callback(lambda _: slots.release())
+                self._wake.clear()
+                await self._wake.wait()
+
+    async def _post(self, session: aiohttp.ClientSession, partner: str, url: str,
+                    alert: dict[str, Any]) -> None:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(POST_ATTEMPTS), wait=wait_exponential(min=0.2, max=2),
+            retry=retry_if_exception_type((aiohttp.ClientError, TimeoutError)), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with session.post(
+                            url, json=alert,
+                            timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as response:
+                        response.raise_for_status()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.error("could not notify %s at %s of the %s diversion after %d attempts: %s",
+                      partner, url, alert["origin"], POST_ATTEMPTS, exc or type(exc).__name__)

@@ -1,0 +1,175 @@
+"""The router's one MQTT connection: reconnects by itself, never blocks a caller.
+
+`publish` only queues (retained state and alerts must not wait on a broker that may be gone);
+`run` connects, subscribes every registered pattern, sends the queue and dispatches messages,
+and on any loss reconnects with exponential backoff and jitter (tenacity). Topics are given
+relative to the configured prefix (`state/met` → `overflow/state/met`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from router.config import Mqtt
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], None]  # (topic relative to the prefix, payload)
+ConnectionListener = Callable[[bool], None]
+
+CONNECT_TIMEOUT_S = 5.0
+PUBLISH_TIMEOUT_S = 5.0
+KEEPALIVE_S = 10  # a silent broker is noticed within 1.5 times this
+QUEUE_LIMIT = 10_000  # while disconnected; the oldest are dropped first
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class MqttLink:
+    def __init__(self, settings: Mqtt, *, environ: Mapping[str, str] = os.environ,
+                 client_id: str | None = None, backoff_max_s: float = 5.0):
+        self.settings = settings
+        self.prefix = settings.prefix
+        self._username = environ.get(settings.username_env) if settings.username_env else None
+        self._password = environ.get(settings.password_env) if settings.password_env else None
+        self._client_id = client_id
+        self._backoff_max_s = backoff_max_s
+        self._handlers: list[tuple[str, Handler]] = []
+        self._listeners: list[ConnectionListener] = []
+        self._queue: deque[_Outgoing] = deque(maxlen=QUEUE_LIMIT)
+        self._wake = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self.connected = False
+        self.connections = 0  # successful connects so far (tests and status read it)
+        self.dropped = 0  # messages dropped because the queue was full while disconnected
+
+    # ---- used by the rest of the router (no awaiting) -----------------------------------
+
+    def subscribe(self, pattern: str, handler: Handler) -> None:
+        """Register before or while running; applied on every (re)connection."""
+        self._handlers.append((pattern, handler))
+        if self._client is not None and self.connected:
+            client = self._client
+            task = asyncio.get_running_loop().create_task(
+                client.subscribe(self.prefix + pattern, timeout=PUBLISH_TIMEOUT_S))
+            task.add_done_callback(_log_failure)
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        self._listeners.append(listener)
+
+    def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = False,
+                qos: int = 0) -> None:
+        """Queue a JSON message; sent as soon as the broker is reachable."""
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(_Outgoing(self.prefix + topic, json.dumps(payload).encode(), qos,
+                                     retain))
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    # ---- the connection loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until cancelled. Backoff restarts after every connection that succeeded."""
+        while True:
+            retrying = AsyncRetrying(
+                wait=wait_exponential_jitter(initial=0.05, max=self._backoff_max_s),
+                retry=retry_if_exception_type((aiomqtt.MqttError, OSError)),
+                before_sleep=self._log_retry,
+                reraise=True,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    await self._session()
+
+    async def _session(self) -> None:
+        """Connect and serve until the connection drops. Returns after a drop, raises when the
+        connection could not be made (so only failed connects back off)."""
+        client = aiomqtt.Client(
+            self.settings.host, self.settings.port, username=self._username,
+            password=self._password, identifier=self._client_id, timeout=CONNECT_TIMEOUT_S,
+            keepalive=KEEPALIVE_S)
+        established = False
+        try:
+            async with client:
+                for pattern, _ in self._handlers:
+                    await client.subscribe(self.prefix + pattern, timeout=PUBLISH_TIMEOUT_S)
+                established = True
+                self._client = client
+                self._set_connected(True)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._sender(client))
+                    tg.create_task(self._receiver(client))
+        except* (aiomqtt.MqttError, OSError) as group:
+            if not established:
+                raise group.exceptions[0] from None
+            log.warning("MQTT broker %s:%d lost: %s", self.settings.host, self.settings.port,
+                        group.exceptions[0])
+        finally:
+            self._client = None
+            self._set_connected(False)
+
+    async def _sender(self, client: aiomqtt.Client) -> None:
+        while True:
+            while self._queue:
+                message = self._queue[0]
+                await client.publish(message.topic, message.payload, qos=message.qos,
+                                     retain=message.retain, timeout=PUBLISH_TIMEOUT_S)
+                if self._queue and self._queue[0] is message:
+                    self._queue.popleft()  # only once sent: a drop mid-send resends it
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _receiver(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = message.topic.value.removeprefix(self.prefix)
+            payload = message.payload if isinstance(message.payload, bytes) else \
+                str(message.payload or "").encode()
+            for pattern, handler in self._handlers:
+                if aiomqtt.Topic(message.topic.value).matches(self.prefix + pattern):
+                    try:
+                        handler(topic, payload)
+                    except Exception:  # a handler's bug must not take the link down
+                        log.exception("MQTT handler for %s failed on %s", pattern, topic)
+        raise aiomqtt.MqttError("message stream ended")
+
+    def _set_connected(self, up: bool) -> None:
+        if up == self.connected:
+            return
+        self.connected = up
+        if up:
+            self.connections += 1
+            log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
+        for listener in self._listeners:
+            listener(up)
+
+    def _log_retry(self, state: Any) -> None:
+        if state.attempt_number == 1:  # once per outage, not once per attempt
+            log.warning("MQTT broker %s:%d unreachable (%s); retrying with backoff",
+                        self.settings.host, self.settings.port, state.outcome.exception())
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        if task.exception() is not None:
+            log.warning("MQTT live subscribe failed: %s", task.exception())

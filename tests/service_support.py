@@ -1,0 +1,81 @@
+"""Running the real service in-process on a free loopback port, for API tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from router.config import parse_config
+from router.service import Service
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = {
+    "telephony": "t-telephony-secret",
+    "viewer": "t-viewer-secret",
+    "manager": "t-manager-secret",
+    "partner:kent": "t-kent-secret",
+}
+
+
+def make_config(tmp: Path, *, mqtt_port: int | None = None, **service: Any) -> Path:
+    """The bundled forces, without probes (states come from declarations), in a temp dir."""
+    raw = yaml.safe_load((ROOT / "config" / "forces.yaml").read_text())
+    for force in raw["forces"].values():
+        force["centre"]["probes"] = []
+    raw["mqtt"] = {"enabled": mqtt_port is not None, "host": "127.0.0.1",
+                   "port": mqtt_port or 1883}
+    raw["service"].update(
+        tokens=[{"env": f"TEST_TOKEN_{i}", "role": role} for i, role in enumerate(TOKENS)],
+        audit_log=str(tmp / "audit.jsonl"), **service)
+    raw["handoff"].update(store=f"sqlite:///{tmp / 'handoffs.db'}", spool_dir=str(tmp / "spool"))
+    path = tmp / "forces.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def environ() -> dict[str, str]:
+    return {f"TEST_TOKEN_{i}": token for i, token in enumerate(TOKENS.values())}
+
+
+@dataclass
+class Running:
+    service: Service
+    base: str
+    session: aiohttp.ClientSession
+    config_path: Path
+    tokens: dict[str, str] = field(default_factory=lambda: dict(TOKENS))
+
+    def auth(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+    async def call(self, method: str, path: str, role: str | None = None,
+                   **kwargs: Any) -> tuple[int, Any]:
+        headers = kwargs.pop("headers", {}) | (self.auth(role) if role else {})
+        async with self.session.request(method, self.base + path, headers=headers,
+                                        **kwargs) as resp:
+            if resp.content_type == "application/json":
+                return resp.status, await resp.json()
+            return resp.status, await resp.text()
+
+
+@contextlib.asynccontextmanager
+async def running_service(config_path: Path) -> AsyncIterator[Running]:
+    config = parse_config(config_path.read_text(), str(config_path))
+    service = Service(config, config_path, environ())
+    stop = asyncio.Event()
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(service.run("127.0.0.1", 0, stop, ready.set_result))
+    try:
+        port = await asyncio.wait_for(ready, 10)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            yield Running(service, f"http://127.0.0.1:{port}", session, config_path)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
