@@ -177,8 +177,9 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         response: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            response = exc
+        if exc.content_type == "application/json":  # ours, already contract-shaped
+            response = web.Response(status=exc.status, text=exc.text,
+                                    content_type="application/json")
         else:
             code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
                 exc.status, "http_error")

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import aiomqtt
@@ -57,8 +57,7 @@ class SipOptionsResponder(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if not self.centre.telephony_up or self.transport is None:
@@ -230,7 +229,9 @@ class Demo:
                 "call_id": call_id, "service": service, "origin": origin},
                     headers=self._auth("telephony")) as resp:
                 decision = await resp.json()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                if resp.status != 200:
+                    raise ValueError(decision.get("message"))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self.say(f"route request failed: {exc!r}")
             return
         dest = decision["destination"]
@@ -239,7 +240,8 @@ class Demo:
         if not centre.telephony_up:  # routed before the failure was detected: caller retries
             self.window["retried"] += 1
             await self._end(session, call_id)
-            await self._place(session, f"{call_id}r", service, origin)
+            if not call_id.endswith("r"):
+                await self._place(session, f"{call_id}r", service, origin)
             return
         self.calls[call_id] = (origin, service, dest)
         centre.take(call_id, time.monotonic())
@@ -361,7 +363,13 @@ def _tokens(config: RouterConfig) -> tuple[dict[str, str], dict[str, str]]:
 async def run_demo(port: int = 8080, duration_s: float | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="overflow-demo-") as tmp:
         async with mqtt_broker() as mqtt_port:
+            demo_ref: list[Demo] = []  # the centres' web endpoint exists before the demo does
+
+            async def health(request: web.Request) -> web.Response:
+                return await demo_ref[0].health(request)
+
             sims = web.Application()
+            sims.router.add_get("/centres/{force}/health", health)
             runner = web.AppRunner(sims)
             await runner.setup()
             sim_site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -371,7 +379,7 @@ async def run_demo(port: int = 8080, duration_s: float | None = None) -> int:
             tokens, environ = _tokens(config)
             service = Service(config, None, environ)
             demo = Demo(config, service, sip_ports, tokens, mqtt_port)
-            sims.router.add_get("/centres/{force}/health", demo.health)
+            demo_ref.append(demo)
             loop = asyncio.get_running_loop()
             transports = []
             for fid, centre in demo.centres.items():

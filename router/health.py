@@ -291,12 +291,15 @@ class CentreHealth:
             return _DOWN, tel.detail, tel.source
         if tel.up is None:
             return CentreState.UNKNOWN, tel.detail, tel.source
+        ramped = False
         if self._recovering_since is not None and now >= self._recovering_since + self._ramp_s:
-            self._recovering_since = None  # ramp complete
+            self._recovering_since, ramped = None, True
         if self._recovering_since is not None:
             return CentreState.RECOVERING, "back after down: ramping traffic up", "recovery"
         if self._overloaded and self.fresh_telemetry(now) is not None:
             return CentreState.OVERLOADED, "telemetry over the overload enter levels", "telemetry"
+        if ramped:
+            return CentreState.NORMAL, "recovery ramp complete", "recovery"
         return CentreState.NORMAL, tel.detail, tel.source
 
     def _settle(self, now: float) -> Transition | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from router.config import Mqtt
 
@@ -93,7 +93,8 @@ class MqttLink:
         """Until cancelled. Backoff restarts after every connection that succeeded."""
         while True:
             retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(initial=0.05, max=self._backoff_max_s),
+                wait=(wait_exponential(multiplier=0.05, max=self._backoff_max_s)
+                      + wait_random(0, 0.1)),
                 retry=retry_if_exception_type((aiomqtt.MqttError, OSError)),
                 before_sleep=self._log_retry,
                 reraise=True,

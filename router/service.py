@@ -83,7 +83,6 @@ class Service:
     async def run(self, host: str, port: int, stop: asyncio.Event,
                   started: Callable[[int], Awaitable[None] | None] | None = None) -> None:
         runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=5.0)
-        await runner.setup()
         try:
             async with contextlib.AsyncExitStack() as stack:
                 desk = await stack.enter_async_context(open_desk(
@@ -91,6 +90,7 @@ class Service:
                     cad_up=lambda force: self.watcher.snapshot.get(force).cad_up))
                 self.app[api_handoffs.HANDOFFS] = desk
                 self.watcher.add_listener(self._cad_watch(desk))
+                await runner.setup()  # freezes the app: its state is complete by now
                 async with asyncio.TaskGroup() as tg:
                     tasks = [tg.create_task(self.watcher.run(), name="watcher"),
                              tg.create_task(self._expire_calls(), name="expiry"),

@@ -94,7 +94,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def start_sip(status: str = "200 OK") -> tuple[SipResponder, str]:
     port = free_port(socket.SOCK_DGRAM)
-    transport, responder = await asyncio.get_running_loop().create_datagram_endpoint(
+    _, responder = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: SipResponder(status), local_addr=("127.0.0.1", port))
     return responder, f"127.0.0.1:{port}"
 

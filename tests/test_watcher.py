@@ -36,13 +36,13 @@ FAST = {"interval_s": 0.05, "timeout_s": 0.1, "jitter": 0.1, "unhealthy_threshol
                          "max_hold_s": 4.0}}
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0,
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0,
                      what: str = "condition") -> float:
     """Poll until true; returns the seconds it took."""
     start = time.monotonic()
     while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        if time.monotonic() - start > within:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.01)
     return time.monotonic() - start
 
@@ -72,8 +72,7 @@ async def sip() -> AsyncIterator[tuple[SipResponder, str]]:
         transport.close()
 
 
-@pytest.fixture
-async def cad() -> AsyncIterator[HealthServer]:
+async def _health_server() -> AsyncIterator[HealthServer]:
     server = HealthServer()
     await server.start()
     try:
@@ -82,11 +81,23 @@ async def cad() -> AsyncIterator[HealthServer]:
         await server.stop()
 
 
-def met_probes(sip_target: str, cad_url: str | None = None) -> dict[str, list[dict[str, str]]]:
+cad = pytest.fixture(_health_server, name="cad")
+partners = pytest.fixture(_health_server, name="partners")  # every other force's centre
+
+
+def met_probes(sip_target: str, cad_url: str | None = None,
+               partners_url: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """Met: SIP for telephony (+ HTTP for CAD); every other force, when given, one HTTP
+    telephony probe so it counts as a healthy partner."""
     probes = [{"kind": "sip", "target": sip_target, "component": "telephony"}]
     if cad_url:
         probes.append({"kind": "http", "target": cad_url, "component": "cad"})
-    return {"met": probes}
+    out = {"met": probes}
+    if partners_url:
+        for fid in make_config().forces:
+            if fid != "met":
+                out[fid] = [{"kind": "http", "target": partners_url, "component": "telephony"}]
+    return out
 
 
 def state(w: Watcher, force: str) -> CentreState:
@@ -105,7 +116,8 @@ def counter(force: str, outcome: str) -> float:
 
 
 async def test_probes_fail_over_and_recover_by_the_ramp(
-        tmp_path: Path, sip: tuple[SipResponder, str], cad: HealthServer) -> None:
+        tmp_path: Path, sip: tuple[SipResponder, str], cad: HealthServer,
+        partners: HealthServer) -> None:
     responder, target = sip
     notified: list[dict[str, Any]] = []
 
@@ -119,7 +131,7 @@ async def test_probes_fail_over_and_recover_by_the_ramp(
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    config = make_config(FAST, probes=met_probes(target, cad.url), telemetry=False,
+    config = make_config(FAST, probes=met_probes(target, cad.url, partners.url), telemetry=False,
                          notify={"kent": f"http://127.0.0.1:{port}/notify"})
     audit = AuditLog(tmp_path / "audit.jsonl")
     watcher = Watcher(config, mqtt=None, audit=audit)
@@ -128,7 +140,9 @@ async def test_probes_fail_over_and_recover_by_the_ramp(
     watcher.add_listener(snapshots.append)
     try:
         async with running(watcher.run()):
-            await wait_until(lambda: state(watcher, "met") is S.NORMAL, what="met normal")
+            await wait_until(lambda: all(v.state is S.NORMAL
+                                         for v in watcher.snapshot.centres.values()),
+                             what="all normal")
             assert watcher.mode is EvidenceMode.PROBES_ONLY and not watcher.fail_static
             call = policy.decide(Service.EMERGENCY, "met", watcher.snapshot, ledger,
                                  time.monotonic())
@@ -148,6 +162,8 @@ async def test_probes_fail_over_and_recover_by_the_ramp(
             assert status["cad_up"] is False and status["telephony_up"] is False
             assert any(p["outcome"] == "bad_answer" for p in status["probes"].values())
 
+            cad.status = 200  # met's CAD down would overflow everything (on_cad_down: overflow)
+            await wait_until(lambda: watcher.snapshot.get("met").cad_up, what="cad up")
             responder.answering = True
             await wait_until(lambda: state(watcher, "met") is S.RECOVERING, what="recovering")
             view = watcher.snapshot.get("met")
@@ -209,7 +225,7 @@ async def test_telemetry_over_a_real_broker(tmp_path: Path, broker: Broker) -> N
             assert watcher.snapshot.get("kent").calls_waiting == levels.enter.calls_waiting
 
             # the feed stops: stale telemetry is missing, never "healthy"
-            await wait_until(lambda: state(watcher, "kent") is S.UNKNOWN, timeout=3,
+            await wait_until(lambda: state(watcher, "kent") is S.UNKNOWN, within=3,
                              what="stale telemetry dropped")
             status = watcher.status()["kent"]
             assert status["telemetry"]["stale"] and status["telemetry"]["age_s"] > 0.8
@@ -254,17 +270,17 @@ async def test_broker_killed_and_restarted_while_probes_keep_routing_right(
             assert decision.destination != "met"
             assert link.pending >= 1  # met's state change waits for the broker
 
-            await wait_until(lambda: watcher.fail_static, timeout=3, what="fail static")
+            await wait_until(lambda: watcher.fail_static, within=3, what="fail static")
             assert metrics.EVIDENCE_MODE._value.get() == 1
             assert state(watcher, "kent") is S.OVERLOADED  # last known-good kept
             assert watcher.status()["kent"]["evidence"] == "fail_static"
-            await wait_until(lambda: watcher.mode is EvidenceMode.PROBES_ONLY, timeout=3,
+            await wait_until(lambda: watcher.mode is EvidenceMode.PROBES_ONLY, within=3,
                              what="fail static expires")
             assert metrics.EVIDENCE_MODE._value.get() == 0
             await wait_until(lambda: state(watcher, "kent") is S.UNKNOWN, what="kent unknown")
 
             broker.start()
-            await wait_until(lambda: link.connected and link.connections == 2, timeout=10,
+            await wait_until(lambda: link.connected and link.connections == 2, within=10,
                              what="reconnect")
             await wait_until(lambda: watcher.mode is EvidenceMode.LIVE, what="live again")
             await asyncio.sleep(0.1)
@@ -313,9 +329,10 @@ async def test_overrides_expire_and_are_audited(tmp_path: Path,
 
 
 async def test_a_flapping_centre_changes_routes_no_more_than_damping_allows(
-        tmp_path: Path, sip: tuple[SipResponder, str]) -> None:
+        tmp_path: Path, sip: tuple[SipResponder, str], partners: HealthServer) -> None:
     responder, target = sip
-    config = make_config(FAST, probes=met_probes(target), telemetry=False)
+    config = make_config(FAST, probes=met_probes(target, partners_url=partners.url),
+                         telemetry=False)
     audit = AuditLog(tmp_path / "audit.jsonl")
     watcher = Watcher(config, mqtt=None, audit=audit)
     policy, ledger = Policy(config), Ledger()
@@ -331,7 +348,9 @@ async def test_a_flapping_centre_changes_routes_no_more_than_damping_allows(
     fd = config.health.flap_damping
     try:
         async with running(watcher.run()):
-            await wait_until(lambda: state(watcher, "met") is S.NORMAL, what="met normal")
+            await wait_until(lambda: all(v.state is S.NORMAL
+                                         for v in watcher.snapshot.centres.values()),
+                             what="all normal")
             homes.clear()
             homes.append(True)
             deadline = time.monotonic() + fd.window_s * 0.75
