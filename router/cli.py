@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from router.config import ConfigError, RouterConfig, load_config
 from router.ledger import Ledger
@@ -22,8 +23,11 @@ EXIT_CONFIG = 2
 Command = Callable[[argparse.Namespace], int]
 
 
-def _pairs(values: Sequence[str], flag: str, convert: Callable[[str], object]) -> dict[str, object]:
-    out: dict[str, object] = {}
+T = TypeVar("T")
+
+
+def _pairs(values: Sequence[str], flag: str, convert: Callable[[str], T]) -> dict[str, T]:
+    out: dict[str, T] = {}
     for raw in values:
         force, sep, value = raw.partition("=")
         if not sep or not force:
@@ -76,7 +80,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     snapshot = Snapshot(centres)
     ledger = Ledger()
     for fid, calls in args.loads.items():
-        ledger.preload(fid, int(calls))  # type: ignore[call-overload]
+        ledger.preload(fid, calls)
     policy = Policy(cfg)
     service = Service(args.service)
     decided_at = datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -24,7 +24,11 @@ PRIORITIES = ("P1", "P2", "P3", "P4")
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
-SipUri = Annotated[str, Field(pattern=r"^sips?:[^\s]+$")]
+SIP_URI = r"^sips?:[^\s]+$"
+ROLE = r"^(telephony|viewer|manager|partner:[a-z][a-z0-9_]*)$"
+MQTT_PREFIX = r"^[^#+]*/$"
+
+SipUri = Annotated[str, Field(pattern=SIP_URI)]
 
 
 class Strict(BaseModel):
@@ -88,7 +92,8 @@ class Centre(Strict):
     def _queues(self) -> Centre:
         if self.overflow_queue > self.max_queue:
             raise ValueError(
-                f"overflow_queue: {self.overflow_queue} exceeds max_queue {self.max_queue}"
+                f"overflow_queue: {self.overflow_queue} is more than max_queue "
+                f"({self.max_queue}): an overloaded centre would never overflow early"
             )
         return self
 
@@ -105,7 +110,8 @@ class MutualAid(Strict):
     def _reserve(self) -> MutualAid:
         if self.reserve_999 > self.max_concurrent:
             raise ValueError(
-                f"reserve_999: {self.reserve_999} exceeds max_concurrent {self.max_concurrent}"
+                f"reserve_999: {self.reserve_999} is more than max_concurrent "
+                f"({self.max_concurrent}): the 999 reserve is part of that cap"
             )
         return self
 
@@ -135,7 +141,8 @@ class Force(Strict):
     def _both_services(cls, value: dict[Service, Any]) -> dict[Service, Any]:
         missing = [s.value for s in Service if s not in value]
         if missing:
-            raise ValueError(f"missing service {', '.join(missing)}")
+            raise ValueError(f"missing service {' and '.join(missing)}: every force needs "
+                             "both 999 and 101")
         return value
 
 
@@ -144,7 +151,7 @@ class Force(Strict):
 
 class Token(Strict):
     env: str
-    role: str = Field(pattern=r"^(telephony|viewer|manager|partner:[a-z][a-z0-9_]*)$")
+    role: str = Field(pattern=ROLE)
 
     @field_validator("env")
     @classmethod
@@ -170,7 +177,7 @@ class Mqtt(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    prefix: str = Field(default="overflow/", pattern=r"^[^#+]*/$")
+    prefix: str = Field(default="overflow/", pattern=MQTT_PREFIX)
     username_env: str | None = None
     password_env: str | None = None
 
@@ -208,6 +215,18 @@ class Health(Strict):
     flap_damping: FlapDamping = FlapDamping()
 
 
+class HandoffRetry(Strict):
+    """Delivery attempts to a CAD: exponential backoff with jitter between attempts, each
+    attempt bounded; after `attempts` failures the destination's backlog is held and one
+    handoff is tried every `hold_probe_s` until one gets through (or the CAD is seen back)."""
+
+    attempts: Annotated[int, Field(ge=1)] = 4
+    initial_s: PosFloat = 0.2
+    max_s: PosFloat = 5.0
+    attempt_timeout_s: PosFloat = 5.0
+    hold_probe_s: PosFloat = 5.0
+
+
 class Handoff(Strict):
     store: str = "sqlite:///var/handoffs.db"
     spool_dir: str = "var/spool"
@@ -218,6 +237,7 @@ class Handoff(Strict):
         "P4": 7200.0,
     }
     max_concurrency: Annotated[int, Field(ge=1)] = 8
+    retry: HandoffRetry = HandoffRetry()
 
 
 class RouterConfig(Strict):
@@ -274,6 +294,9 @@ class _Tree:
             mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
             line = mark.line + 1 if mark else 1
             problem = getattr(exc, "problem", None) or str(exc)
+            context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            if context and start and start.line + 1 != line:  # say where the broken part began
+                problem += f" ({context} that starts on line {start.line + 1})"
             self.issues.append(ConfigIssue(file, line, "(yaml)", f"not valid YAML: {problem}"))
             self.data: Any = None
             return
@@ -290,7 +313,8 @@ class _Tree:
                 if key in out:
                     self.issues.append(
                         ConfigIssue(self.file, key_node.start_mark.line + 1, _key_text(sub),
-                                    "duplicate key (YAML would silently keep only the last)")
+                                    f"duplicate key, already set on line {self.lines[sub]} "
+                                    "(YAML would silently keep only the last)")
                     )
                 self.lines[sub] = key_node.start_mark.line + 1
                 out[key] = self._convert(value_node, sub)
@@ -313,13 +337,9 @@ def _pydantic_issues(tree: _Tree, exc: ValidationError) -> Iterable[ConfigIssue]
     for err in exc.errors():
         # pydantic puts union/annotated branch names and dict-key markers into loc; drop them
         path: Path_ = tuple(p for p in err["loc"] if p not in ("[key]",) and not _is_branch(p))
-        msg = err["msg"]
         kind = err["type"]
-        if kind == "extra_forbidden":
-            msg = "unknown key"
-        elif kind == "missing":
-            msg = "required key is missing"
-        elif kind.startswith("value_error"):
+        msg = _plain_message(kind, err.get("ctx", {})) or err["msg"]
+        if kind.startswith("value_error"):
             msg = msg.removeprefix("Value error, ")
             field_, sep, rest = msg.partition(": ")
             if sep and " " not in field_:
@@ -329,6 +349,46 @@ def _pydantic_issues(tree: _Tree, exc: ValidationError) -> Iterable[ConfigIssue]
         ):
             msg = f"{msg} (got {err['input']!r})"
         yield tree.issue(path, msg)
+
+
+# pydantic's wording ("Input should be ...") addressed to the people who edit this file
+_PLAIN = {
+    "extra_forbidden": "unknown key (misspelt, or not allowed here)",
+    "missing": "required key is missing",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be text",
+    "dict_type": "must be a mapping of keys to values",
+    "model_type": "must be a mapping of keys to values",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "greater_than_equal": "must be {ge} or more",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be {le} or less",
+    "less_than": "must be less than {lt}",
+    "literal_error": "must be {expected}",
+    "enum": "must be {expected}",
+    "string_too_short": "must not be empty",
+    "too_short": "must not be empty",
+}
+_PATTERNS = {
+    SIP_URI: "must be a SIP URI such as sip:999@cc.force.example",
+    FORCE_ID: "a force id is 2 to 32 lower-case letters, digits or _, starting with a letter",
+    ROLE: "must be telephony, viewer, manager or partner:FORCE",
+    MQTT_PREFIX: "must end with / and contain no + or #",
+}
+
+
+def _plain_message(kind: str, ctx: dict[str, Any]) -> str | None:
+    if kind == "string_pattern_mismatch":
+        return _PATTERNS.get(ctx.get("pattern", ""))
+    template = _PLAIN.get(kind)
+    return template.format(**ctx) if template else None
 
 
 def _is_branch(part: str | int) -> bool:
@@ -369,7 +429,8 @@ def _semantic_issues(tree: _Tree, cfg: RouterConfig) -> Iterable[ConfigIssue]:
     for i, token in enumerate(cfg.service.tokens):
         role = token.role
         if role.startswith("partner:") and role.removeprefix("partner:") not in cfg.forces:
-            yield tree.issue(("service", "tokens", i, "role"), f"unknown force in {role!r}")
+            yield tree.issue(("service", "tokens", i, "role"),
+                             f"{role!r} names an unknown force (known: {known})")
 
 
 def parse_config(text: str, file: str = "<config>") -> RouterConfig:
@@ -381,7 +442,8 @@ def parse_config(text: str, file: str = "<config>") -> RouterConfig:
     try:
         cfg = RouterConfig.model_validate(tree.data)
     except ValidationError as exc:
-        raise ConfigError([*tree.issues, *_pydantic_issues(tree, exc)]) from None
+        issues = [*tree.issues, *_pydantic_issues(tree, exc)]
+        raise ConfigError(sorted(issues, key=lambda i: i.line)) from None
     issues = [*tree.issues, *_semantic_issues(tree, cfg)]
     if issues:
         raise ConfigError(sorted(issues, key=lambda i: i.line))

@@ -328,7 +328,7 @@ class Demo:
         while True:
             await asyncio.sleep(REPORT_EVERY_S)
             window, self.window = self.window, collections.Counter()
-            met = collections.Counter()
+            met: collections.Counter[str] = collections.Counter()
             for key, n in window.items():
                 if key.startswith("met>"):
                     dest, _, reason = key[4:].partition(":")

@@ -49,9 +49,14 @@ class Ledger:
             self._count(call, -1)
         return call
 
-    def expire(self, now: float, max_age_s: float) -> list[Call]:
-        """End calls older than max_age_s: a lost 'call ended' must not leak capacity forever."""
-        stale = [c for c in self.calls.values() if now - c.started_at > max_age_s]
+    def expire(self, now: float, max_age_s: float, limit: int = 500) -> list[Call]:
+        """End up to `limit` calls older than max_age_s: a lost 'call ended' must not leak
+        capacity forever. The limit keeps one sweep short; callers sweep again while full."""
+        stale: list[Call] = []
+        for call in self.calls.values():  # in start order: dicts keep insertion order
+            if now - call.started_at <= max_age_s or len(stale) >= limit:
+                break
+            stale.append(call)
         for call in stale:
             self.end(call.call_id)
         return stale

@@ -8,6 +8,7 @@ from health_support import make_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.config import RouterConfig
 from router.health import CentreHealth, Component, Override, probe_id
 from router.ledger import Ledger
 from router.model import CentreState, Service, Snapshot
@@ -24,7 +25,7 @@ CAD = probe_id(MET.centre.probes[1])
 S = CentreState
 
 
-def machine(force: str = "met", config=CONFIG) -> CentreHealth:  # type: ignore[no-untyped-def]
+def machine(force: str = "met", config: RouterConfig = CONFIG) -> CentreHealth:
     return CentreHealth(force, config.health, config.forces[force].centre)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -188,7 +189,9 @@ async def test_probes_fail_over_and_recover_by_the_ramp(
                           ("met", "changed", "origin_recovering"), ("met", "stopped", None)]
 
 
-async def test_telemetry_over_a_real_broker(tmp_path: Path, broker: Broker) -> None:
+async def test_telemetry_over_a_real_broker(tmp_path: Path, broker: Broker,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router.watcher")
     config = make_config(FAST, mqtt_port=broker.port)
     link = MqttLink(config.mqtt)
     audit = AuditLog(tmp_path / "audit.jsonl")
@@ -221,6 +224,9 @@ async def test_telemetry_over_a_real_broker(tmp_path: Path, broker: Broker) -> N
             await wait_until(lambda: state(watcher, "kent") is S.RECOVERING,
                              what="loop alive after bad payloads")
             assert counter("kent", "invalid") - bad_before == 4
+            logged = [r.getMessage() for r in caplog.records if "telemetry" in r.getMessage()]
+            assert len([m for m in logged if "invalid telemetry" in m]) == 1, logged
+            assert any("telemetry valid again" in m for m in logged)
             assert counter("kent", "stale") - stale_before == 1
             assert watcher.snapshot.get("kent").calls_waiting == levels.enter.calls_waiting
 
@@ -236,7 +242,7 @@ async def test_telemetry_over_a_real_broker(tmp_path: Path, broker: Broker) -> N
             async with asyncio.timeout(3):
                 message = await anext(aiter(sub.messages))
             assert message.retain
-            assert json.loads(bytes(message.payload))["state"] == "unknown"  # type: ignore[arg-type]
+            assert json.loads(bytes(message.payload))["state"] == "unknown"
     finally:
         audit.close()
 
@@ -290,7 +296,7 @@ async def test_broker_killed_and_restarted_while_probes_keep_routing_right(
                 await pub.subscribe("overflow/state/met")  # queued while the broker was gone
                 async with asyncio.timeout(3):
                     message = await anext(aiter(pub.messages))
-                payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                payload = json.loads(bytes(message.payload))
                 assert payload["state"] == "down" and payload["source"] == "probe"
             assert link.pending == 0
     finally:

@@ -1,0 +1,160 @@
+"""What every CAD adapter is, what it answers, and how the router finds one by name.
+
+An adapter hands one incident to one force's CAD and reports the CAD's answer: an `Ack`
+(the CAD has it; `duplicate` when it had it already), a `Refusal` (the CAD will never take
+it: a permanent, 4xx-like answer), or it raises `AdapterUnavailable` for anything worth trying
+again (CAD down, timeout, 5xx). Retries, deadlines and ordering are the desk's business, not
+the adapter's: an adapter makes one attempt per call.
+
+Adapters are found through the Python entry-point group `overflow_router.adapters`, so a
+force can ship its own as a separate package. Each adapter class declares its options as a
+pydantic model, validated when the router starts (and by `overflow-router validate`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger(__name__)
+
+GROUP = "overflow_router.adapters"
+
+# Used when the package's own entry points are not installed (running from a source tree);
+# an installed entry point of the same name always wins.
+BUILTIN: Mapping[str, str] = {
+    "eido": "adapters.eido:EidoAdapter",
+    "http_json": "adapters.http_json:HttpJsonAdapter",
+    "mqtt": "adapters.mqtt:MqttAdapter",
+    "spool": "adapters.spool:SpoolAdapter",
+    "sim": "adapters.sim:SimAdapter",
+}
+
+
+class AdapterOptions(BaseModel):
+    """Base for every adapter's options: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One attempt's input. `key` is the idempotency key: the same for every retry of the same
+    handoff, so a CAD that sees it twice can tell."""
+
+    key: str
+    incident: Mapping[str, Any]  # the contract's incident JSON, as accepted
+
+    @property
+    def incident_id(self) -> str:
+        return str(self.incident["incident_id"])
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    reference: str = ""  # the CAD's own incident number, when it gives one
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: str
+
+
+Outcome = Ack | Refusal
+
+
+class AdapterUnavailable(Exception):
+    """The CAD could not be reached or did not answer in time: worth another attempt."""
+
+
+class AdapterConfigError(ValueError):
+    """A force's `cad:` block names an unknown adapter or carries invalid options."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterContext:
+    force: str  # the destination force this adapter delivers to
+    spool_dir: Path  # the router's spool folder (handoff.spool_dir)
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    async def deliver(self, delivery: Delivery) -> Outcome:
+        """Make one delivery attempt; raise AdapterUnavailable when worth retrying."""
+
+    async def aclose(self) -> None:
+        """Release connections; the adapter is not used again."""
+
+
+class AdapterFactory(Protocol):
+    """What an entry point must load: a class (or callable) with an `Options` model."""
+
+    Options: ClassVar[type[AdapterOptions]]
+
+    def __call__(self, options: Any, context: AdapterContext) -> Adapter: ...
+
+
+def available() -> dict[str, str]:
+    """Every adapter name the router can use, with where it comes from."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group=GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def load(name: str) -> AdapterFactory:
+    """The adapter class registered as `name`: an installed entry point, else a built-in."""
+    for ep in entry_points(group=GROUP, name=name):
+        factory = ep.load()
+        break
+    else:
+        if name not in BUILTIN:
+            raise AdapterConfigError(f"unknown adapter {name!r} (available: "
+                                     f"{', '.join(sorted(available()))})")
+        module, _, attr = BUILTIN[name].partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    if not isinstance(getattr(factory, "Options", None), type) or not issubclass(
+            factory.Options, BaseModel):
+        raise AdapterConfigError(f"adapter {name!r} ({factory!r}) declares no pydantic Options")
+    return factory  # type: ignore[no-any-return]
+
+
+def parse_options(name: str, options: Mapping[str, Any]) -> AdapterOptions:
+    """Validate a `cad.options` mapping against the adapter's model; errors name the key."""
+    factory = load(name)
+    try:
+        return factory.Options.model_validate(dict(options))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(options)'}: "
+            f"{'unknown option' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors())
+        raise AdapterConfigError(f"adapter {name!r}: {problems}") from None
+
+
+def build(name: str, options: Mapping[str, Any], context: AdapterContext) -> Adapter:
+    """Validate the options and construct the adapter (no I/O: adapters connect lazily)."""
+    parsed = parse_options(name, options)
+    return load(name)(parsed, context)
+
+
+def check(cads: Mapping[str, tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """Validate every force's adapter and options; one `forces.X.cad: message` per problem.
+
+    `cads` maps force id to (adapter name, options), as in the config file.
+    """
+    problems = []
+    for force, (name, options) in cads.items():
+        try:
+            parse_options(name, options)
+        except AdapterConfigError as exc:
+            problems.append(f"forces.{force}.cad: {exc}")
+    return problems

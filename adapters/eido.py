@@ -1,0 +1,231 @@
+"""EIDO over the NENA-STA-024 WebSocket conveyance.
+
+Roles follow STA-024: the destination CAD is the *subscriber*, the router the *notifier*.
+The transport is turned round because a control room's CAD accepts connections rather than
+dialling out to every partner: the router connects (aiohttp WebSocket client) to the CAD's
+conveyance URL, the CAD sends `subscribe`, the router answers `subscribeResponse` with a
+subscription id, then sends each incident as an `event` carrying one EIDO in `notification`,
+and the CAD answers `eventResponse` with the same `transactionId` and a `statusCode`
+(2xx acknowledged, 4xx refused for good, 5xx try again). WebSocket pings keep the link alive
+and notice a dead peer (aiohttp's `heartbeat`).
+
+The transaction id is the handoff's idempotency key, so a CAD that sees a retry can tell.
+`eido_document` is also used by the http_json adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from pydantic import Field
+
+from adapters.base import (
+    Ack,
+    AdapterContext,
+    AdapterOptions,
+    AdapterUnavailable,
+    Delivery,
+    Outcome,
+    Refusal,
+)
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "emergency-incident-data-object"
+PRIORITY_NUMBER = {"P1": 1, "P2": 2, "P3": 3, "P4": 4}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def eido_document(delivery: Delivery, sender: str = "overflow-router") -> dict[str, Any]:
+    """An EIDO (NENA-STA-021 component names) for one handoff. Every component has its `$id`
+    and `lastUpdateTimestamp`; the original incident rides along unchanged in `extension`, so
+    nothing is lost in translation."""
+    inc = delivery.incident
+    now = _now()
+    ref = f"urn:emergency:uid:incidentid:{delivery.key}:{inc['from']}"
+
+    def component(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"$id": f"{kind}-{delivery.key}", "lastUpdateTimestamp": now,
+                "updatedByAgencyReference": inc["from"], **fields}
+
+    location = inc.get("location") or {}
+    by_value = {k: v for k, v in (("latitude", location.get("lat")),
+                                  ("longitude", location.get("lon")),
+                                  ("civicAddressText", location.get("address"))) if v is not None}
+    caller = inc.get("caller") or {}
+    doc: dict[str, Any] = {
+        "$id": f"eido-{delivery.key}",
+        "eidoMessageIdentifier": f"urn:emergency:uid:eidomessage:{uuid.uuid4()}:{sender}",
+        "lastUpdateTimestamp": now,
+        "sendingSystemIdentifier": sender,
+        "incidentComponent": component(
+            "incident", incidentTrackingIdentifier=ref,
+            localIncidentIdentifier=inc["incident_id"],
+            incidentTypeCommonRegistryText=[inc["category"]],
+            incidentCommonPriorityNumber=PRIORITY_NUMBER.get(inc["priority"], 4),
+            incidentStatusCommonRegistryText=["Transferred"],
+            incidentCreationTimestamp=inc["opened_at"]),
+        "locationComponent": [component("location", locationByValue=by_value)],
+        "callComponent": [component("call", callTypeDescriptionText=inc["service"],
+                                    **({"callIdentifier": inc["call_id"]}
+                                       if inc.get("call_id") else {}))],
+        "notesComponent": [component("note", noteText=inc["summary"])],
+        "agencyComponent": [component("agency-from", agencyIdentifier=inc["from"],
+                                      agencyRoleText="Transferring"),
+                            component("agency-to", agencyIdentifier=inc["to"],
+                                      agencyRoleText="Receiving")],
+        "extension": {"overflowRouter": {"handoffId": delivery.key, "incident": dict(inc)}},
+    }
+    if caller:
+        doc["personComponent"] = [component("caller", personNameText=caller.get("name", ""),
+                                            contactPhoneNumber=caller.get("phone", ""),
+                                            personRoleText="Caller")]
+    return doc
+
+
+class EidoOptions(AdapterOptions):
+    url: str = Field(pattern=r"^wss?://")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    subscribe_timeout_s: float = Field(default=5.0, gt=0)  # the CAD must subscribe by then
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    sender: str = "overflow-router"
+
+
+class _Link:
+    """One live WebSocket with a subscription: sends events, matches eventResponses."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
+                 subscription_id: str):
+        self.session = session
+        self.ws = ws
+        self.subscription_id = subscription_id
+        self.waiting: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+        self.reader = asyncio.create_task(self._read(), name="eido-reader")
+
+    @property
+    def alive(self) -> bool:
+        return not self.ws.closed and not self.reader.done()
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                try:
+                    data = json.loads(msg.data)
+                except json.JSONDecodeError:
+                    log.warning("EIDO peer sent non-JSON; ignored")
+                    continue
+                response = data.get("eventResponse") if isinstance(data, dict) else None
+                if isinstance(response, dict):
+                    waiter = self.waiting.pop(str(response.get("transactionId")), None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(response)
+                elif isinstance(data, dict) and "subscribe" in data:
+                    await self._answer_subscribe(data["subscribe"])
+        finally:
+            lost = AdapterUnavailable("EIDO WebSocket closed")
+            for waiter in self.waiting.values():
+                if not waiter.done():
+                    waiter.set_exception(lost)
+            self.waiting.clear()
+
+    async def _answer_subscribe(self, request: Any) -> None:
+        """A re-subscribe on a live link keeps the same subscription."""
+        request_id = request.get("requestId") if isinstance(request, dict) else None
+        await self.ws.send_json({"subscribeResponse": {
+            "requestId": request_id, "subscriptionId": self.subscription_id,
+            "statusCode": 200, "statusText": "OK"}})
+
+    async def event(self, transaction_id: str, eido: Mapping[str, Any]) -> Mapping[str, Any]:
+        done: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiting[transaction_id] = done
+        try:
+            await self.ws.send_json({"event": {"subscriptionId": self.subscription_id,
+                                               "transactionId": transaction_id,
+                                               "notification": [eido]}})
+            return await done
+        finally:
+            self.waiting.pop(transaction_id, None)
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+        await self.ws.close()
+        await self.session.close()
+
+
+class EidoAdapter:
+    Options = EidoOptions
+
+    def __init__(self, options: EidoOptions, context: AdapterContext):
+        self.options = options
+        self.context = context
+        self._link: _Link | None = None
+        self._connecting = asyncio.Lock()
+
+    async def _connect(self) -> _Link:
+        async with self._connecting:
+            if self._link is not None and self._link.alive:
+                return self._link
+            if self._link is not None:
+                await self._link.close()
+                self._link = None
+            opts = self.options
+            session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=opts.connect_timeout_s))
+            try:
+                ws = await session.ws_connect(opts.url, protocols=(SUBPROTOCOL,),
+                                              heartbeat=opts.heartbeat_s,
+                                              timeout=aiohttp.ClientWSTimeout(
+                                                  ws_close=opts.connect_timeout_s))
+                async with asyncio.timeout(opts.subscribe_timeout_s):
+                    request = await ws.receive_json()
+                sub = request.get("subscribe") if isinstance(request, dict) else None
+                if not isinstance(sub, dict):
+                    await ws.close()
+                    raise AdapterUnavailable(f"EIDO peer did not subscribe (sent {request!r:.80})")
+                link = _Link(session, ws, f"sub-{uuid.uuid4()}")
+                await link._answer_subscribe(sub)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                await session.close()
+                raise AdapterUnavailable(f"cannot open EIDO conveyance to {opts.url}: "
+                                         f"{exc or type(exc).__name__}") from exc
+            except BaseException:
+                await session.close()
+                raise
+            self._link = link
+            return link
+
+    async def deliver(self, delivery: Delivery) -> Outcome:
+        link = await self._connect()
+        try:
+            response = await link.event(delivery.key,
+                                        eido_document(delivery, self.options.sender))
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise AdapterUnavailable(f"EIDO send failed: {exc}") from exc
+        code = int(response.get("statusCode", 500))
+        text = str(response.get("statusText", ""))
+        if 200 <= code < 300:
+            return Ack(reference=str(response.get("incidentReference", "")),
+                       duplicate=code == 208)
+        if 400 <= code < 500 and code not in (408, 429):
+            return Refusal(f"EIDO eventResponse {code} {text}".strip())
+        raise AdapterUnavailable(f"EIDO eventResponse {code} {text}".strip())
+
+    async def aclose(self) -> None:
+        if self._link is not None:
+            await self._link.close()
+            self._link = None
