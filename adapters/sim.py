@@ -39,6 +39,8 @@ class SimCad:
     up: bool = True
     received: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> incident
     attempts: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0  # the most deliveries it ever had at once
 
 
 _CADS: dict[str, SimCad] = {}
@@ -61,10 +63,16 @@ class SimAdapter:
 
     async def deliver(self, delivery: Delivery) -> Outcome:
         opts = self.options
-        self.cad.attempts += 1
-        delay = opts.latency_s + (self._rng.uniform(0, opts.jitter_s) if opts.jitter_s else 0)
-        if delay:
-            await asyncio.sleep(delay)
+        cad = self.cad
+        cad.attempts += 1
+        cad.in_flight += 1
+        cad.max_in_flight = max(cad.max_in_flight, cad.in_flight)
+        try:
+            delay = opts.latency_s + (self._rng.uniform(0, opts.jitter_s) if opts.jitter_s else 0)
+            if delay:
+                await asyncio.sleep(delay)
+        finally:
+            cad.in_flight -= 1
         if not self.cad.up:
             raise AdapterUnavailable(f"simulated CAD of {self.cad.force} is down")
         if delivery.incident.get("category") in opts.refuse_categories:

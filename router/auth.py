@@ -19,7 +19,6 @@ from router.http_util import fail
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-PRINCIPAL = "overflow.principal"  # request key set by require()
 
 # which roles satisfy a required one
 IMPLIED: Mapping[str, frozenset[str]] = {
@@ -72,6 +71,7 @@ class TokenBook:
 
 
 TOKENS = web.AppKey("tokens", TokenBook)
+PRINCIPAL = web.RequestKey("principal", Principal)  # set by require() for the handler
 
 
 def principal_of(request: web.Request) -> Principal:

@@ -40,7 +40,8 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from adapters import base as adapters
@@ -405,7 +406,9 @@ class HandoffDesk:
         delivery = Delivery(item.id, item.incident)
         async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(attempts),
-                wait=wait_exponential_jitter(initial=retry.initial_s, max=retry.max_s),
+                # jitter of one initial step spreads a destination's retries apart
+                wait=wait_exponential(multiplier=retry.initial_s, max=retry.max_s)
+                + wait_random(0, retry.initial_s),
                 retry=retry_if_exception_type(AdapterUnavailable), reraise=True):
             with attempt:
                 item.attempts += 1

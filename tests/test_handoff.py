@@ -1,0 +1,206 @@
+"""The handoff desk end to end on the simulated CAD: order, holds, retries, refusals,
+escalation and restart. Store: SQLite in a temporary folder (and PostgreSQL for restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.sim import sim_cad
+from router import metrics
+from router.handoff import HandoffDesk, Incident, open_desk
+from tests.handoff_support import incident, make_config
+
+
+def inc(n: int, **kw: Any) -> Incident:
+    return Incident.model_validate(incident(n, **kw))
+
+
+async def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await _maybe(check()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def _maybe(value: Any) -> Any:
+    return await value if asyncio.iscoroutine(value) else value
+
+
+async def status_of(desk: HandoffDesk, hid: str) -> str:
+    found = await desk.get(hid)
+    assert found is not None
+    return str(found["status"])
+
+
+async def reaches(desk: HandoffDesk, hid: str, status: str) -> bool:
+    return await status_of(desk, hid) == status
+
+
+class Cads:
+    """The watcher's view of each CAD, as the service would pass it."""
+
+    def __init__(self) -> None:
+        self.up: dict[str, bool] = {}
+
+    def __call__(self, force: str) -> bool:
+        return self.up.get(force, True)
+
+
+async def test_backlog_is_delivered_p1_first_then_oldest(tmp_path: Path) -> None:
+    cads = Cads()
+    cads.up["met"] = False
+    config = make_config(tmp_path, max_concurrency=1)
+    async with open_desk(config, alert=lambda a: None, cad_up=cads) as desk:
+        for n, priority in enumerate(["P4", "P3", "P1", "P2", "P1"]):
+            await desk.submit(inc(n, priority=priority))
+        ids = {n: (await desk.query(to="met"))[n]["id"] for n in range(5)}
+        cads.up["met"] = True
+        desk.cad_state_changed("met", True)
+        await wait_for(lambda: len(sim_cad("met").received) == 5)
+    order = [key for key in sim_cad("met").received]
+    assert order == [ids[2], ids[4], ids[3], ids[1], ids[0]]
+
+
+async def test_a_duplicate_submission_is_the_same_handoff(tmp_path: Path) -> None:
+    async with open_desk(make_config(tmp_path), alert=lambda a: None, cad_up=Cads()) as desk:
+        first, created = await desk.submit(inc(1))
+        again, created_again = await desk.submit(inc(1))
+        assert (created, created_again) == (True, False)
+        assert first["id"] == again["id"]
+        await wait_for(lambda: reaches(desk, first["id"], "delivered"))
+
+
+async def test_down_cad_holds_then_drains_with_history(tmp_path: Path) -> None:
+    cads = Cads()
+    cads.up["met"] = False
+    async with open_desk(make_config(tmp_path), alert=lambda a: None, cad_up=cads) as desk:
+        handoff, _ = await desk.submit(inc(1))
+        assert handoff["status"] == "held"
+        await asyncio.sleep(0.1)
+        assert await status_of(desk, handoff["id"]) == "held"
+        cads.up["met"] = True
+        desk.cad_state_changed("met", True)
+        await wait_for(lambda: reaches(desk, handoff["id"], "delivered"))
+        final = await desk.get(handoff["id"])
+    assert final is not None
+    assert [h["status"] for h in final["history"]] == ["accepted", "held", "delivering",
+                                                       "delivered"]
+    assert final["delivered_at"] >= final["accepted_at"]
+
+
+async def test_failing_cad_is_retried_held_and_probed_until_it_answers(tmp_path: Path) -> None:
+    cad = sim_cad("essex")
+    config = make_config(tmp_path)
+    async with open_desk(config, alert=lambda a: None, cad_up=Cads()) as desk:
+        cad.up = False  # the watcher still thinks it is up: only deliveries find out
+        before = cad.attempts
+        handoffs = [(await desk.submit(inc(n, to="essex")))[0] for n in range(6)]
+        await wait_for(lambda: reaches(desk, handoffs[0]["id"], "held"))
+        held = await desk.get(handoffs[0]["id"])
+        assert held is not None and "down" in held["reason"] and held["attempts"] >= 2
+        await asyncio.sleep(0.5)  # a few probe intervals: one handoff probed at a time
+        probes = cad.attempts - before
+        assert probes < 6 * config.handoff.retry.attempts + 6, "no thundering herd while held"
+        cad.up = True
+        for h in handoffs:
+            await wait_for(lambda h=h: reaches(desk, h["id"], "delivered"))
+    assert len([k for k in cad.received if k in {h["id"] for h in handoffs}]) == 6
+
+
+async def test_refusal_is_final_with_its_reason(tmp_path: Path) -> None:
+    cads = {"surrey": {"adapter": "sim", "options": {"refuse_categories": ["hoax"]}}}
+    async with open_desk(make_config(tmp_path, cads=cads), alert=lambda a: None,
+                         cad_up=Cads()) as desk:
+        handoff, _ = await desk.submit(inc(1, to="surrey", category="hoax"))
+        await wait_for(lambda: reaches(desk, handoff["id"], "failed"))
+        failed = await desk.get(handoff["id"])
+    assert failed is not None and "hoax" in failed["reason"]
+    assert failed["history"][-1]["status"] == "failed"
+
+
+async def test_late_handoff_escalates_with_alert_sheet_and_metric(tmp_path: Path) -> None:
+    cads = Cads()
+    cads.up["tvp"] = False
+    alerts: list[dict[str, Any]] = []
+    metric = metrics.HANDOFF_OUTCOMES.labels("tvp", "escalated")
+    before = metric._value.get()
+    config = make_config(tmp_path, deadlines_s={"P1": 0.2, "P2": 30, "P3": 60, "P4": 60})
+    async with open_desk(config, alert=alerts.append, cad_up=cads) as desk:
+        urgent, _ = await desk.submit(inc(1, to="tvp", priority="P1"))
+        calm, _ = await desk.submit(inc(2, to="tvp", priority="P2"))
+        await wait_for(lambda: len(alerts) == 1)
+        assert await status_of(desk, urgent["id"]) == "escalated"
+        assert await status_of(desk, calm["id"]) == "held"
+        cads.up["tvp"] = True
+        desk.cad_state_changed("tvp", True)  # still delivered after escalation
+        await wait_for(lambda: reaches(desk, urgent["id"], "delivered"))
+        done = await desk.get(urgent["id"])
+    alert = alerts[0]
+    assert (alert["kind"], alert["handoff_id"], alert["priority"]) == (
+        "handoff_escalated", urgent["id"], "P1")
+    assert metric._value.get() == before + 1
+    page = Path(alert["sheet"]).read_text()
+    assert "KENT-000001" in page and "&lt;script&gt;" in page and "<script>" not in page
+    rows = list(csv.DictReader(Path(alert["csv"]).open(newline="")))
+    assert rows[0]["incident_id"] == "KENT-000001" and rows[0]["to"] == "tvp"
+    assert done is not None and "escalated_at" in done
+    assert [h["status"] for h in done["history"]][-2:] == ["escalated", "delivered"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'handoffs.db'}"
+    return str(request.getfixturevalue("pg_dsn"))
+
+
+async def test_restart_resumes_every_unfinished_handoff(tmp_path: Path, store_url: str) -> None:
+    config = make_config(tmp_path, store=store_url)
+    cads = Cads()
+    cads.up["herts"] = False
+    async with open_desk(config, alert=lambda a: None, cad_up=cads) as desk:
+        ids = [(await desk.submit(inc(n, to="herts")))[0]["id"] for n in range(25)]
+    received_before = set(sim_cad("herts").received)
+    assert not received_before & set(ids)
+    cads.up["herts"] = True
+    async with open_desk(config, alert=lambda a: None, cad_up=cads) as desk:
+        assert desk.backlog()["herts"] <= 25
+        await wait_for(lambda: desk.backlog()["herts"] == 0)
+        statuses = {h["status"] for h in await desk.query(to="herts", limit=100)}
+    assert statuses == {"delivered"}
+    assert set(ids) <= set(sim_cad("herts").received)
+
+
+async def test_drain_respects_max_concurrency(tmp_path: Path) -> None:
+    cads = Cads()
+    cads.up["sussex"] = False
+    config = make_config(tmp_path, max_concurrency=3,
+                         cads={"sussex": {"adapter": "sim", "options": {"latency_s": 0.02}}})
+    async with open_desk(config, alert=lambda a: None, cad_up=cads) as desk:
+        for n in range(30):
+            await desk.submit(inc(n, to="sussex"))
+        cads.up["sussex"] = True
+        desk.cad_state_changed("sussex", True)
+        await wait_for(lambda: desk.backlog()["sussex"] == 0)
+    assert sim_cad("sussex").max_in_flight == 3
+
+
+async def test_unknown_adapter_or_bad_options_fail_at_start(tmp_path: Path) -> None:
+    from adapters.base import AdapterConfigError
+
+    bad = {"kent": {"adapter": "http_json", "options": {"url": "ftp://x", "colour": "red"}},
+           "met": {"adapter": "telepathy"}}
+    with pytest.raises(AdapterConfigError) as err:
+        async with open_desk(make_config(tmp_path, cads=bad), alert=lambda a: None,
+                             cad_up=Cads()):
+            pass
+    text = str(err.value)
+    assert "forces.kent.cad" in text and "colour: unknown option" in text and "url" in text
+    assert "forces.met.cad" in text and "telepathy" in text

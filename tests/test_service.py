@@ -1,0 +1,104 @@
+"""The service as a whole: MQTT outputs, SIGHUP reload of a real process, and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import aiomqtt
+from service_support import environ, make_config, running_service
+
+from conftest import Broker, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_state_and_routing_are_published_retained(tmp_path: Path, broker: Broker) -> None:
+    async with running_service(make_config(tmp_path, mqtt_port=broker.port)) as api:
+        for force in api.service.config.forces:
+            await api.call("PUT", f"/v1/forces/{force}/override", "manager",
+                           json={"state": "normal", "reason": "test"})
+        await api.call("PUT", "/v1/forces/met/override", "manager",
+                       json={"state": "down", "reason": "CAD crash"})
+        await asyncio.sleep(1.5)  # one routing-publisher round
+        # a late subscriber still learns the current state and plan: both are retained
+        async with aiomqtt.Client(broker.host, broker.port, timeout=5) as client:
+            await client.subscribe("overflow/state/met")
+            await client.subscribe("overflow/routing/met/999")
+            seen: dict[str, dict[str, object]] = {}
+            async with asyncio.timeout(5):
+                async for message in client.messages:
+                    seen[str(message.topic)] = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                    if len(seen) == 2:
+                        break
+    assert seen["overflow/state/met"]["state"] == "down"
+    assert seen["overflow/state/met"]["reason"]
+    routing = seen["overflow/routing/met/999"]
+    destinations = {d["destination"] for d in routing["destinations"]}  # type: ignore[union-attr,index]
+    assert destinations == {"kent", "surrey", "essex", "tvp", "herts", "city"}
+
+
+async def _get(session: aiohttp.ClientSession, url: str, token: str) -> tuple[int, object]:
+    async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_sighup_reloads_a_running_process_and_refuses_a_bad_config(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "run", "--config", str(config), "--port", str(port),
+        env={**os.environ, **environ()}, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    viewer = "t-viewer-secret"
+    url = f"http://127.0.0.1:{port}/v1/forces"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            for _ in range(100):
+                try:
+                    status, body = await _get(session, url, viewer)
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            assert status == 200
+            good = config.read_text()
+            config.write_text(good.replace("handlers_on_duty: 120", "handlers_on_duty: 125"))
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            _, body = await _get(session, url, viewer)
+            assert body["forces"]["met"]["capacity"]["handlers_on_duty"] == 125  # type: ignore[index]
+            config.write_text("version: 1\nforces: {met: {name: ''}}\n")
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            status, body = await _get(session, url, viewer)
+            assert status == 200  # still serving, on the last good config
+            assert body["forces"]["met"]["capacity"]["handlers_on_duty"] == 125  # type: ignore[index]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0
+    log = stderr.decode()
+    assert "SIGHUP reload refused" in log
+    assert f"{config}:2: forces.met.centre: required key is missing" in log
+
+
+def test_demo_detects_the_met_outage_and_narrates_it() -> None:
+    """`make demo` is the README's first command: it must keep working."""
+    port = free_port()
+    out = subprocess.run(
+        [sys.executable, "-m", "router", "demo", "--port", str(port), "--duration", "27"],
+        capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert f"dashboard: http://127.0.0.1:{port}/#token=" in text
+    assert "INJECTED: the Met's CAD and call handling fail" in text
+    assert "met: normal → DOWN" in text, text[-3000:]
+    down_line = next(line for line in text.splitlines() if "met: normal → DOWN" in line)
+    assert "kent" in down_line and "surrey" in down_line
+    assert "Traceback" not in out.stderr
