@@ -83,3 +83,8 @@ class SimAdapter:
 
     async def aclose(self) -> None:
         return None
+
+
+def reset() -> None:
+    """Forget every simulated CAD (between tests, or demo runs in one process)."""
+    _CADS.clear()

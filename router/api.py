@@ -101,6 +101,7 @@ async def get_forces(request: web.Request) -> web.Response:
             "name": force.name,
             **status.get(fid, {}),
             "calls_in_flight": load["in_flight"],
+            "calls_in_flight_by_service": {s: load[f"in_flight_{s}"] for s in ("999", "101")},
             "aid_in_flight": load["aid"],
             "capacity": {"handlers_on_duty": force.centre.handlers_on_duty,
                          "overflow_queue": force.centre.overflow_queue,

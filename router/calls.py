@@ -101,4 +101,5 @@ class CallDesk:
     def load(self, force: str) -> dict[str, int]:
         """Calls a force carries now, and how many of them are mutual aid."""
         ledger = self.ledger
-        return {"in_flight": ledger.in_flight.get(force, 0), "aid": ledger.aid.get(force, 0)}
+        return {"in_flight": ledger.in_flight.get(force, 0), "aid": ledger.aid.get(force, 0),
+                **{f"in_flight_{s.value}": ledger.by_service.get((force, s), 0) for s in Service}}

@@ -144,6 +144,7 @@ async def test_ending_a_call_frees_capacity(api: Running) -> None:
     await api.call("POST", "/v1/route", "telephony", json=ROUTE)
     _, forces = await api.call("GET", "/v1/forces", "viewer")
     assert forces["forces"]["met"]["calls_in_flight"] == 1
+    assert forces["forces"]["met"]["calls_in_flight_by_service"] == {"999": 1, "101": 0}
     for _ in range(2):  # idempotent
         status, _ = await api.call("POST", "/v1/calls/c-1/end", "telephony")
         assert status == 204

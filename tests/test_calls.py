@@ -29,7 +29,8 @@ def test_a_retried_call_gets_its_first_decision_and_is_counted_once() -> None:
     again, new_again = desk.route("c1", Service.EMERGENCY, "met", snapshot)
     assert new and not new_again
     assert again == first
-    assert desk.load(first["destination"]) == {"in_flight": 1, "aid": 1}
+    assert desk.load(first["destination"]) == {"in_flight": 1, "aid": 1, "in_flight_999": 1,
+                                               "in_flight_101": 0}
 
 
 def test_the_same_call_id_for_another_origin_is_a_conflict() -> None:

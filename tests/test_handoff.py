@@ -5,24 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from adapters import sim
 from adapters.sim import sim_cad
 from router import metrics
 from router.handoff import HandoffDesk, Incident, open_desk
 from tests.handoff_support import incident, make_config
 
 
+@pytest.fixture(autouse=True)
+def fresh_sim_cads() -> None:
+    sim.reset()
+
+
 def inc(n: int, **kw: Any) -> Incident:
     return Incident.model_validate(incident(n, **kw))
 
 
-async def wait_for(check: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(check: Callable[[], Any], within_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
     while not await _maybe(check()):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
@@ -41,6 +48,11 @@ async def status_of(desk: HandoffDesk, hid: str) -> str:
 
 async def reaches(desk: HandoffDesk, hid: str, status: str) -> bool:
     return await status_of(desk, hid) == status
+
+
+def sheets_of(alert: dict[str, Any]) -> tuple[str, str]:
+    return (Path(alert["sheet"]).read_text(encoding="utf-8"),
+            Path(alert["csv"]).read_text(encoding="utf-8"))
 
 
 class Cads:
@@ -146,9 +158,9 @@ async def test_late_handoff_escalates_with_alert_sheet_and_metric(tmp_path: Path
     assert (alert["kind"], alert["handoff_id"], alert["priority"]) == (
         "handoff_escalated", urgent["id"], "P1")
     assert metric._value.get() == before + 1
-    page = Path(alert["sheet"]).read_text()
+    page, sheet_csv = sheets_of(alert)
     assert "KENT-000001" in page and "&lt;script&gt;" in page and "<script>" not in page
-    rows = list(csv.DictReader(Path(alert["csv"]).open(newline="")))
+    rows = list(csv.DictReader(io.StringIO(sheet_csv)))
     assert rows[0]["incident_id"] == "KENT-000001" and rows[0]["to"] == "tvp"
     assert done is not None and "escalated_at" in done
     assert [h["status"] for h in done["history"]][-2:] == ["escalated", "delivered"]
