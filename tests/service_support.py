@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
 
 from router.config import parse_config
 from router.service import Service
@@ -63,6 +64,15 @@ class Running:
             if resp.content_type == "application/json":
                 return resp.status, await resp.json()
             return resp.status, await resp.text()
+
+
+@contextlib.asynccontextmanager
+async def in_test_client(config_path: Path) -> AsyncIterator[Running]:
+    """The same app under aiohttp's own test server and client, without background tasks."""
+    config = parse_config(config_path.read_text(), str(config_path))
+    service = Service(config, config_path, environ())
+    async with TestClient(TestServer(service.app)) as client:
+        yield Running(service, str(client.make_url("")).rstrip("/"), client.session, config_path)
 
 
 @contextlib.asynccontextmanager

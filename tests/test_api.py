@@ -9,14 +9,17 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service_support import Running, make_config, running_service
+from service_support import Running, make_config, running_service, in_test_client
 
 ROUTE = {"call_id": "c-1", "service": "999", "origin": "met"}
 
 
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Running]:
-    async with running_service(make_config(tmp_path)) as running:
+@pytest.fixture(params=["socket", "test_client"])
+async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Running]:
+    """Every test runs against the whole service on a loopback socket, and against the same
+    app under aiohttp's test client."""
+    start = running_service if request.param == "socket" else in_test_client
+    async with start(make_config(tmp_path)) as running:
         yield running
 
 
