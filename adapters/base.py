@@ -112,19 +112,30 @@ def available() -> dict[str, str]:
 
 def load(name: str) -> AdapterFactory:
     """The adapter class registered as `name`: an installed entry point, else a built-in."""
-    for ep in entry_points(group=GROUP, name=name):
-        factory = ep.load()
-        break
-    else:
-        if name not in BUILTIN:
-            raise AdapterConfigError(f"unknown adapter {name!r} (available: "
-                                     f"{', '.join(sorted(available()))})")
-        module, _, attr = BUILTIN[name].partition(":")
-        factory = getattr(importlib.import_module(module), attr)
+    try:
+        for ep in entry_points(group=GROUP, name=name):
+            factory = ep.load()
+            break
+        else:
+            if name not in BUILTIN:
+                raise AdapterConfigError(f"unknown adapter {name!r} (available: "
+                                         f"{', '.join(sorted(available()))})")
+            module, _, attr = BUILTIN[name].partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:  # a broken plug-in is a config problem
+        raise AdapterConfigError(f"cannot load adapter {name!r}: {exc}") from exc
     if not isinstance(getattr(factory, "Options", None), type) or not issubclass(
             factory.Options, BaseModel):
         raise AdapterConfigError(f"adapter {name!r} ({factory!r}) declares no pydantic Options")
     return factory  # type: ignore[no-any-return]
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown option"
+    if error["type"] == "missing":
+        return "required option is missing"
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> AdapterOptions:
@@ -133,11 +144,25 @@ def parse_options(name: str, options: Mapping[str, Any]) -> AdapterOptions:
     try:
         return factory.Options.model_validate(dict(options))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(options)'}: "
-            f"{'unknown option' if e['type'] == 'extra_forbidden' else e['msg']}"
-            for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(options)'}: "
+                             f"{_message(e)}" for e in exc.errors())
         raise AdapterConfigError(f"adapter {name!r}: {problems}") from None
+
+
+def option_problems(name: str, options: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...],
+                                                                          str]]:
+    """Every problem with one force's `cad:` block, each with the key it concerns, relative to
+    the block: `("adapter",)` or `("options", key, ...)`. For line-numbered config errors."""
+    try:
+        factory = load(name)
+    except AdapterConfigError as exc:
+        return [(("adapter",), str(exc))]
+    try:
+        factory.Options.model_validate(dict(options))
+    except ValidationError as exc:
+        return [(("options", *e["loc"]), f"{_message(e)} (adapter {name})")
+                for e in exc.errors()]
+    return []
 
 
 def build(name: str, options: Mapping[str, Any], context: AdapterContext) -> Adapter:

@@ -92,6 +92,22 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from router.simulate import load_scenario, simulate
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    try:
+        scenario = load_scenario(args.scenario, cfg)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    report = simulate(cfg, scenario, seed=args.seed)
+    print(json.dumps(report.to_json()) if args.json else report.table())
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from router.service import serve
 
@@ -164,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls already in flight at that force")
     p.add_argument("--count", type=int, default=1, help="simultaneous calls to decide")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("simulate", help="virtual-time replay of call arrivals and outages")
+    p.add_argument("--config", required=True)
+    p.add_argument("--scenario", required=True, help="a scenario YAML, see scenarios/")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same report")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("run", help="the service")
     p.add_argument("--config", required=True)

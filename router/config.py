@@ -8,10 +8,10 @@ The rest of the router only ever sees a `RouterConfig` that passed.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -367,10 +367,10 @@ _PLAIN = {
     "model_type": "must be a mapping of keys to values",
     "tuple_type": "must be a list",
     "list_type": "must be a list",
-    "greater_than_equal": "must be {ge} or more",
-    "greater_than": "must be more than {gt}",
-    "less_than_equal": "must be {le} or less",
-    "less_than": "must be less than {lt}",
+    "greater_than_equal": "must be {ge:g} or more",
+    "greater_than": "must be more than {gt:g}",
+    "less_than_equal": "must be {le:g} or less",
+    "less_than": "must be less than {lt:g}",
     "literal_error": "must be {expected}",
     "enum": "must be {expected}",
     "string_too_short": "must not be empty",
@@ -426,6 +426,11 @@ def _semantic_issues(tree: _Tree, cfg: RouterConfig) -> Iterable[ConfigIssue]:
                 seen.add(route.to)
             if routes and sum(r.weight for r in routes) == 0:
                 yield tree.issue(base, "weights sum to zero: no partner could ever be chosen")
+    from adapters.base import option_problems  # each adapter owns its options' model
+
+    for fid, force in cfg.forces.items():
+        for where, message in option_problems(force.cad.adapter, force.cad.options):
+            yield tree.issue(("forces", fid, "cad", *where), message)
     for i, token in enumerate(cfg.service.tokens):
         role = token.role
         if role.startswith("partner:") and role.removeprefix("partner:") not in cfg.forces:
@@ -433,21 +438,32 @@ def _semantic_issues(tree: _Tree, cfg: RouterConfig) -> Iterable[ConfigIssue]:
                              f"{role!r} names an unknown force (known: {known})")
 
 
-def parse_config(text: str, file: str = "<config>") -> RouterConfig:
+YamlTree = _Tree  # for cross-checks of other YAML documents (see parse_document)
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_document(text: str, file: str, model: type[M],
+                   cross_check: Callable[[YamlTree, M], Iterable[ConfigIssue]]) -> M:
+    """Validate any YAML document (the config, a simulation scenario) the same way: every
+    problem at once, each as `FILE:LINE: key: message`."""
     tree = _Tree(file, text)
     if tree.issues and tree.data is None:
         raise ConfigError(tree.issues)
     if not isinstance(tree.data, dict):
         raise ConfigError([*tree.issues, tree.issue((), "the file must be a YAML mapping")])
     try:
-        cfg = RouterConfig.model_validate(tree.data)
+        doc = model.model_validate(tree.data)
     except ValidationError as exc:
         issues = [*tree.issues, *_pydantic_issues(tree, exc)]
         raise ConfigError(sorted(issues, key=lambda i: i.line)) from None
-    issues = [*tree.issues, *_semantic_issues(tree, cfg)]
+    issues = [*tree.issues, *cross_check(tree, doc)]
     if issues:
         raise ConfigError(sorted(issues, key=lambda i: i.line))
-    return cfg
+    return doc
+
+
+def parse_config(text: str, file: str = "<config>") -> RouterConfig:
+    return parse_document(text, file, RouterConfig, _semantic_issues)
 
 
 def load_config(path: str | Path) -> RouterConfig:

@@ -195,6 +195,8 @@ class _Destination:
     queue: list[tuple[tuple[int, float, str], _Live]] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     suspended_until: float | None = None  # set after retries run out: hold and probe
+    unfinished: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while unfinished == 0
 
     def push(self, item: _Live) -> None:
         heapq.heappush(self.queue, (item.order, item))
@@ -226,6 +228,8 @@ class HandoffDesk:
         self._dests = {force: _Destination(force, adapter, asyncio.Semaphore(
             settings.max_concurrency)) for force, adapter in adapters_by_force.items()}
         self._live: dict[str, _Live] = {}
+        for dest in self._dests.values():
+            dest.idle.set()
         self._deadlines: list[tuple[float, str]] = []
         self._deadline_wake = asyncio.Event()
 
@@ -268,10 +272,11 @@ class HandoffDesk:
 
     def backlog(self) -> dict[str, int]:
         """Unfinished handoffs per destination (queued or in flight)."""
-        counts = dict.fromkeys(self._dests, 0)
-        for item in self._live.values():
-            counts[item.to] += 1
-        return counts
+        return {force: dest.unfinished for force, dest in self._dests.items()}
+
+    async def drained(self, force: str) -> None:
+        """Return once nothing is left to deliver to `force` (for tests and benchmarks)."""
+        await self._dests[force].idle.wait()
 
     def cad_state_changed(self, force: str, up: bool) -> None:
         """The health watcher's word: a CAD back up ends any hold at once."""
@@ -310,8 +315,11 @@ class HandoffDesk:
 
     def _track(self, item: _Live) -> None:
         self._live[item.id] = item
+        dest = self._dests[item.to]
+        dest.unfinished += 1
+        dest.idle.clear()
         metrics.HANDOFF_BACKLOG.labels(item.to, item.priority).inc()
-        self._dests[item.to].push(item)
+        dest.push(item)
         limit = self._deadline_s.get(item.priority)
         if not item.escalated and limit is not None:
             heapq.heappush(self._deadlines, (item.accepted_at + limit, item.id))
@@ -319,15 +327,24 @@ class HandoffDesk:
 
     def _finish(self, item: _Live) -> None:
         if self._live.pop(item.id, None) is not None:
+            dest = self._dests[item.to]
+            dest.unfinished -= 1
+            if not dest.unfinished:
+                dest.idle.set()
             metrics.HANDOFF_BACKLOG.labels(item.to, item.priority).dec()
 
     async def _change(self, item: _Live, status: Status, detail: str, *,
                       reason: str | None = None, **stamps: float) -> None:
-        now = self.clock()
-        await self.store.record(StatusChange(item.id, status, now, detail, item.attempts,
-                                             reason, **stamps))
+        await self._change_soon(item, status, detail, reason=reason, **stamps)
+
+    def _change_soon(self, item: _Live, status: Status, detail: str, *,
+                     reason: str | None = None, **stamps: float) -> asyncio.Future[None]:
+        """Queue a status change (commits in queue order); await the result for durability."""
+        committed = self.store.record_soon(StatusChange(
+            item.id, status, self.clock(), detail, item.attempts, reason, **stamps))
         item.status = status
         metrics.HANDOFF_OUTCOMES.labels(item.to, status).inc()
+        return committed
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -365,23 +382,42 @@ class HandoffDesk:
                                    for item in waiting))
 
     async def _deliver(self, dest: _Destination, item: _Live, attempts: int | None = None) -> None:
-        """One handoff to its CAD, retried; releases the destination's slot when done."""
+        """One handoff to its CAD, retried. The destination's slot is freed as soon as the CAD
+        has answered: the bound protects the CAD, and our own commit need not hold it."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                dest.slots.release()
+
         try:
+            started = None
             if not item.escalated and item.status != Status.DELIVERING:
-                await self._change(item, Status.DELIVERING, f"to {dest.force}'s CAD")
+                # not awaited before sending: if we crash first, nothing differs (the handoff
+                # is delivered again on restart either way), and it keeps a commit off the path
+                started = self._change_soon(item, Status.DELIVERING, f"to {dest.force}'s CAD")
             try:
                 outcome = await self._attempt(dest, item, attempts or
                                               self.settings.retry.attempts)
             except AdapterUnavailable as exc:
+                release()
                 item.reason = str(exc)
                 if dest.suspended_until is None:
                     log.warning("%s's CAD unavailable (%s): holding its backlog", dest.force, exc)
                 dest.suspended_until = self.clock() + self.settings.retry.hold_probe_s
+                if started is not None:
+                    await started
                 if not item.escalated:
                     await self._change(item, Status.HELD, f"CAD unavailable: {exc}",
                                        reason=item.reason)
                 dest.push(item)
                 return
+            finally:
+                release()
+            if started is not None:
+                await started
             item.done = True
             if isinstance(outcome, Refusal):
                 await self._change(item, Status.FAILED, f"refused: {outcome.reason}",
@@ -395,11 +431,12 @@ class HandoffDesk:
                 dest.wake.set()
         except Exception as exc:  # the store failed: keep the handoff, try again later
             log.error("handoff %s: %s; will retry", item.id, exc)
+            item.done = False
             if item.id in self._live:
                 dest.suspended_until = self.clock() + self.settings.retry.hold_probe_s
                 dest.push(item)
         finally:
-            dest.slots.release()
+            release()
 
     async def _attempt(self, dest: _Destination, item: _Live, attempts: int) -> Ack | Refusal:
         retry = self.settings.retry

@@ -331,7 +331,9 @@ class CentreHealth:
         if state is _DOWN and self.override is None:
             fails = [tr.first_fail_at for tr in self._probes.values()
                      if tr.up is False and tr.first_fail_at is not None]
-            detection = now - min(fails) if source == "probe" and fails else (
-                0.0 if source == "telemetry" else None)
+            if source == "probe" and fails:
+                detection = now - min(fails)
+            elif source == "telemetry" and self._telemetry_at is not None:
+                detection = max(now - self._telemetry_at, 0.0)  # measured → declared
         self.state, self.since, self.reason, self.source = state, now, reason, source
         return Transition(self.force, before, state, now, reason, source, detection)

@@ -31,6 +31,7 @@ ConnectionListener = Callable[[bool], None]
 CONNECT_TIMEOUT_S = 5.0
 PUBLISH_TIMEOUT_S = 5.0
 KEEPALIVE_S = 10  # a silent broker is noticed within 1.5 times this
+SEND_RETRY_S = 0.5
 QUEUE_LIMIT = 10_000  # while disconnected; the oldest are dropped first
 
 
@@ -111,31 +112,43 @@ class MqttLink:
             password=self._password, identifier=self._client_id, timeout=CONNECT_TIMEOUT_S,
             keepalive=KEEPALIVE_S)
         established = False
+        lost: BaseException | None = None
         try:
             async with client:
                 for pattern, _ in self._handlers:
                     await client.subscribe(self.prefix + pattern, timeout=PUBLISH_TIMEOUT_S)
+                    _reraise_lost_cancellation()
                 established = True
                 self._client = client
                 self._set_connected(True)
+                # The receiver runs in the group's body and the sender never raises: a dropped
+                # connection ends the body, the group cancels the sender, and the run task is
+                # never cancelled by the group (whose cancel/uncancel is unreliable on 3.11).
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._sender(client))
-                    tg.create_task(self._receiver(client))
+                    tg.create_task(self._sender(client), name="mqtt-sender")
+                    await self._receiver(client)
         except* (aiomqtt.MqttError, OSError) as group:
             if not established:
                 raise group.exceptions[0] from None
-            log.warning("MQTT broker %s:%d lost: %s", self.settings.host, self.settings.port,
-                        group.exceptions[0])
+            lost = group.exceptions[0]
         finally:
             self._client = None
             self._set_connected(False)
+        log.warning("MQTT broker %s:%d lost: %s", self.settings.host, self.settings.port, lost)
 
     async def _sender(self, client: aiomqtt.Client) -> None:
         while True:
             while self._queue:
                 message = self._queue[0]
-                await client.publish(message.topic, message.payload, qos=message.qos,
-                                     retain=message.retain, timeout=PUBLISH_TIMEOUT_S)
+                try:
+                    await client.publish(message.topic, message.payload, qos=message.qos,
+                                         retain=message.retain, timeout=PUBLISH_TIMEOUT_S)
+                except aiomqtt.MqttError as exc:
+                    # kept at the head of the queue; the receiver sees a real disconnect
+                    log.debug("MQTT publish to %s failed (%s); will retry", message.topic, exc)
+                    await asyncio.sleep(SEND_RETRY_S)
+                    continue
+                _reraise_lost_cancellation()
                 if self._queue and self._queue[0] is message:
                     self._queue.popleft()  # only once sent: a drop mid-send resends it
             self._wake.clear()
@@ -168,6 +181,15 @@ class MqttLink:
         if state.attempt_number == 1:  # once per outage, not once per attempt
             log.warning("MQTT broker %s:%d unreachable (%s); retrying with backoff",
                         self.settings.host, self.settings.port, state.outcome.exception())
+
+
+def _reraise_lost_cancellation() -> None:
+    """aiomqtt times its calls with `asyncio.wait_for`, which on Python 3.11 can return a result
+    and drop a cancellation that arrived as the call completed (fixed in 3.12). Without this
+    check a cancelled link could wait forever for the next message to send."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -36,6 +36,7 @@ _DRAINING = CentreState.DRAINING
 _RECOVERING = CentreState.RECOVERING
 _REACHABLE = frozenset({_NORMAL, _OVERLOADED, _RECOVERING})
 _999 = Service.EMERGENCY
+_STATE_RULES = {s: f"state:{s.value}" for s in CentreState}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,10 @@ class _Force:
     aid_max: int
     aid_max_101: int
     aid_queue_below: int
+    # rule names, built once: a decision names the rule that made it on every call
+    rule_cad_down: str = ""
+    rule_overflow_queue: str = ""
+    rule_max_queue: str = ""
 
     @property
     def capacity(self) -> int:
@@ -82,6 +87,10 @@ class Policy:
         self.config = config
         self._ramp = config.health.recovery.ramp
         self._ramp_step_s = config.health.recovery.step_s
+        self._ramp_rules = [f"health.recovery.ramp[{i}]" for i in range(len(self._ramp))]
+        # Decisions are immutable and the same few recur call after call (a handful per route),
+        # so each is built once: building a frozen dataclass was most of a decision's cost
+        self._decisions: dict[tuple[Service, str, str, Reason, str], Decision] = {}
         self._forces: dict[str, _Force] = {}
         for fid, f in config.forces.items():
             routes = {
@@ -98,6 +107,9 @@ class Policy:
                 f.centre.on_cad_down == "overflow", dict(f.sip), f.centre.shed_101.queue,
                 f.centre.shed_101.announcement, routes, aid.max_concurrent,
                 aid.max_concurrent - aid.reserve_999, aid.only_while_queue_below,
+                rule_cad_down=f"forces.{fid}.centre.on_cad_down",
+                rule_overflow_queue=f"forces.{fid}.centre.overflow_queue",
+                rule_max_queue=f"forces.{fid}.centre.max_queue",
             )
         self._wrr = {(fid, s): [0] * len(f.routes[s])
                      for fid, f in self._forces.items() for s in Service}
@@ -111,20 +123,30 @@ class Policy:
         view = snapshot.get(origin)
         share, reason, rule = self._home_share(home, service, view, ledger, now)
         if share >= 1.0:
-            return Decision(service, origin, origin, home.sip[service], Reason.HOME, rule)
+            return self._decision(service, home, origin, Reason.HOME, rule)
         if share > 0.0:  # recovering: smooth ramp, one home call per 1/share calls
             key = (origin, service)
             credit = self._credit.get(key, 0.0) + share
             if credit >= 1.0 - 1e-9:
                 self._credit[key] = credit - 1.0
-                return Decision(service, origin, origin, home.sip[service], Reason.HOME, rule)
+                return self._decision(service, home, origin, Reason.HOME, rule)
             self._credit[key] = credit
         partner = self._pick_partner(home, service, snapshot, ledger)
         if partner is not None:
-            return Decision(service, origin, partner.to, partner.sip, reason, partner.rule)
+            return self._decision(service, home, partner.to, reason, partner.rule)
         if service is _999:
             return self._last_resort(home, snapshot, ledger)
         return self._shed(home, view)
+
+    def _decision(self, service: Service, home: _Force, destination: str, reason: Reason,
+                  rule: str) -> Decision:
+        key = (service, home.id, destination, reason, rule)
+        decision = self._decisions.get(key)
+        if decision is None:
+            sip = self._forces[destination].sip[service]
+            decision = self._decisions[key] = Decision(service, home.id, destination, sip,
+                                                       reason, rule)
+        return decision
 
     def _home_share(self, home: _Force, service: Service, view: CentreView, ledger: Ledger,
                     now: float) -> tuple[float, Reason, str]:
@@ -135,20 +157,20 @@ class Policy:
         if state is _DRAINING:
             return 0.0, Reason.ORIGIN_DRAINING, "state:draining"
         if not view.cad_up and home.cad_down_overflows:
-            return 0.0, Reason.ORIGIN_CAD_DOWN, f"forces.{home.id}.centre.on_cad_down"
+            return 0.0, Reason.ORIGIN_CAD_DOWN, home.rule_cad_down
         if state is _RECOVERING:
             step = min(int(max(now - view.since, 0.0) / self._ramp_step_s), len(self._ramp) - 1)
-            return self._ramp[step], Reason.ORIGIN_RECOVERING, f"health.recovery.ramp[{step}]"
+            return self._ramp[step], Reason.ORIGIN_RECOVERING, self._ramp_rules[step]
         queue = self._queue(home, view, ledger)
         if state is _OVERLOADED:
             if queue < home.overflow_queue:
-                return 1.0, Reason.HOME, f"forces.{home.id}.centre.overflow_queue"
-            return 0.0, Reason.ORIGIN_OVERLOADED, f"forces.{home.id}.centre.overflow_queue"
+                return 1.0, Reason.HOME, home.rule_overflow_queue
+            return 0.0, Reason.ORIGIN_OVERLOADED, home.rule_overflow_queue
         if queue < home.max_queue:
             if not view.cad_up:
-                return 1.0, Reason.HOME, f"forces.{home.id}.centre.on_cad_down"
-            return 1.0, Reason.HOME, f"state:{state.value}"
-        return 0.0, Reason.ORIGIN_OVERLOADED, f"forces.{home.id}.centre.max_queue"
+                return 1.0, Reason.HOME, home.rule_cad_down
+            return 1.0, Reason.HOME, _STATE_RULES[state]
+        return 0.0, Reason.ORIGIN_OVERLOADED, home.rule_max_queue
 
     @staticmethod
     def _queue(force: _Force, view: CentreView, ledger: Ledger) -> int:
@@ -209,8 +231,8 @@ class Policy:
                 if best is None or load < best_load:
                     best, best_load = force, load
             if best is not None:
-                return Decision(_999, home.id, best.id, best.sip[_999], Reason.LAST_RESORT,
-                                "last_resort:least_loaded")
+                return self._decision(_999, home, best.id, Reason.LAST_RESORT,
+                                      "last_resort:least_loaded")
         return Decision(_999, home.id, home.id, home.sip[_999], Reason.LAST_RESORT,
                         "last_resort:none_reachable")
 

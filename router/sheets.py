@@ -53,14 +53,17 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+_FORMULA = ("=", "+", "-", "@")
+
+
 def render_csv(sheets: Sequence[Sheet]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\r\n")
     writer.writeheader()
     for sheet in sheets:
         # a leading =, +, - or @ would run as a formula in a spreadsheet: quote it harmless
-        writer.writerow({k: ("'" + v if v[:1] in "=+-@" and k != "lon" and k != "lat" else v)
-                         for k, v in sheet.row().items()})
+        writer.writerow({k: ("'" + v if v.startswith(_FORMULA) and k not in ("lat", "lon")
+                              else v) for k, v in sheet.row().items()})
     return out.getvalue()
 
 

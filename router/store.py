@@ -93,7 +93,8 @@ class _Pending:
 class HandoffStore(ABC):
     """The outbox. `insert` and `record` return only once the row is durable."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_batch: int = MAX_BATCH) -> None:
+        self.max_batch = max_batch  # 1 turns group commit off (one transaction per row)
         self._queue: asyncio.Queue[tuple[StoredHandoff | StatusChange, asyncio.Future[bool]]]
         self._queue = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -108,8 +109,27 @@ class HandoffStore(ABC):
 
     async def record(self, change: StatusChange) -> None:
         """Record a status change and its history line; durable on return."""
-        if not await self._submit(change):
-            raise StoreError(f"no handoff {change.id!r} to record {change.status!r} on")
+        await self.record_soon(change)
+
+    def record_soon(self, change: StatusChange) -> asyncio.Future[None]:
+        """Queue a change now, await its commit later (or never). Changes commit in the order
+        they are queued, so a later change to the same handoff always lands after it."""
+        committed = self._enqueue(change)
+
+        def check(done: asyncio.Future[bool]) -> None:
+            if result.done():
+                return
+            if done.exception() is not None:
+                result.set_exception(done.exception())  # type: ignore[arg-type]
+            elif not done.result():
+                result.set_exception(StoreError(
+                    f"no handoff {change.id!r} to record {change.status!r} on"))
+            else:
+                result.set_result(None)
+
+        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        committed.add_done_callback(check)
+        return result
 
     @abstractmethod
     async def get(self, handoff_id: str) -> StoredHandoff | None: ...
@@ -129,23 +149,29 @@ class HandoffStore(ABC):
         self._writer = asyncio.create_task(self._write_loop(), name="handoff-store-writer")
 
     async def close(self) -> None:
-        """Commit what is queued, then close. Safe to call from a cancelled task."""
+        """Commit what is queued, then close. If the closer is cancelled meanwhile, the queued
+        commits still finish (shielded) but the connections are left to process exit."""
         if self._writer is not None:
-            await self._queue.put((_STOP, asyncio.get_running_loop().create_future()))
-            with contextlib.suppress(asyncio.CancelledError):
+            self._queue.put_nowait((_STOP, asyncio.get_running_loop().create_future()))
+            try:
                 await asyncio.shield(self._writer)
+            except Exception:  # it already failed every waiter; closing must still close
+                log.exception("handoff store writer had failed")
             self._writer = None
         await self._close()
 
     # -- group commit ---------------------------------------------------------------------------
 
     async def _submit(self, item: StoredHandoff | StatusChange) -> bool:
+        # shield: a caller cancelled mid-commit must not cancel the batch for everyone else
+        return await asyncio.shield(self._enqueue(item))
+
+    def _enqueue(self, item: StoredHandoff | StatusChange) -> asyncio.Future[bool]:
         if self._writer is None or self._writer.done():
             raise StoreError("the handoff store is not open")
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, done))
-        # shield: a caller cancelled mid-commit must not cancel the batch for everyone else
-        return await asyncio.shield(done)
+        self._queue.put_nowait((item, done))  # unbounded: never raises QueueFull
+        return done
 
     async def _write_loop(self) -> None:
         stopping = False
@@ -160,7 +186,7 @@ class HandoffStore(ABC):
                     batch.changes.append((item, done))
                 else:
                     batch.inserts.append((item, done))
-                if len(batch) >= MAX_BATCH or self._queue.empty():
+                if len(batch) >= self.max_batch or self._queue.empty():
                     break
                 item, done = self._queue.get_nowait()
             if len(batch):
@@ -279,8 +305,8 @@ class SqliteStore(HandoffStore):
     """SQLite in WAL mode: one connection writes (the group-commit writer), one reads, so
     status queries never wait behind a commit."""
 
-    def __init__(self, path: Path):
-        super().__init__()
+    def __init__(self, path: Path, max_batch: int = MAX_BATCH):
+        super().__init__(max_batch)
         self.path = path
         self._write: aiosqlite.Connection | None = None
         self._read: aiosqlite.Connection | None = None
@@ -317,24 +343,28 @@ class SqliteStore(HandoffStore):
                                       ids) as cur:
                     existing = {r[0] for r in await cur.fetchall()}
                 rows = _new_rows(inserts, existing)
-                await db.executemany(_SQLITE_INSERT, [
+                cur = await db.executemany(_SQLITE_INSERT, [
                     (h.id, h.from_force, h.incident_id, h.to_force, h.priority, h.status,
                      json.dumps(h.incident), h.accepted_at, h.updated_at, h.attempts, h.reason,
                      h.escalated_at, h.delivered_at, _history_json(h.history)) for h in rows])
-                # a row the (from, incident_id) constraint ignored is absent under its own id
-                async with db.execute(f"SELECT id FROM handoffs WHERE id IN ({marks})",
-                                      ids) as cur:
-                    created = {r[0] for r in await cur.fetchall()} - existing
+                created = {h.id for h in rows}
+                if cur.rowcount != len(rows):
+                    # the (from, incident_id) constraint ignored some: those are absent
+                    async with db.execute(f"SELECT id FROM handoffs WHERE id IN ({marks})",
+                                          ids) as cur:
+                        created = {r[0] for r in await cur.fetchall()} - existing
             changed: set[str] = set()
             if changes:
-                ids = list({c.id for c in changes})
-                marks = ",".join("?" * len(ids))
-                async with db.execute(f"SELECT id FROM handoffs WHERE id IN ({marks})",
-                                      ids) as cur:
-                    changed = {r[0] for r in await cur.fetchall()}
-                await db.executemany(_SQLITE_CHANGE, [
+                cur = await db.executemany(_SQLITE_CHANGE, [
                     (c.status, c.at, c.attempts, c.reason, c.escalated_at, c.delivered_at,
                      json.dumps(_entry(c).as_json()), c.id) for c in changes])
+                changed = {c.id for c in changes}
+                if cur.rowcount != len(changes):  # some missing, or already final: which?
+                    ids = list(changed)
+                    marks = ",".join("?" * len(ids))
+                    async with db.execute(f"SELECT id FROM handoffs WHERE id IN ({marks})",
+                                          ids) as cur:
+                        changed = {r[0] for r in await cur.fetchall()}
             await db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
@@ -397,9 +427,16 @@ CREATE TABLE IF NOT EXISTS handoffs (
 CREATE INDEX IF NOT EXISTS handoffs_by_status ON handoffs (status, to_force, accepted_at);
 """
 
+# the whole batch in one statement (one round trip); RETURNING names only the rows inserted
+# the whole batch in one statement (one round trip); RETURNING names only the rows inserted.
+# JSON travels as text (a history is itself a list, which an array parameter would unpack).
 _PG_INSERT = (
-    f"INSERT INTO handoffs ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
-    "$12, $13, $14) ON CONFLICT DO NOTHING"
+    f"INSERT INTO handoffs ({_COLUMNS}) SELECT c1, c2, c3, c4, c5, c6, c7::jsonb, c8, c9, c10, "
+    "c11, c12, c13, c14::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+    "$5::text[], $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[], $11::text[], "
+    "$12::float8[], $13::float8[], $14::text[]) "
+    "AS t(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14) "
+    "ON CONFLICT DO NOTHING RETURNING id"
 )
 _PG_CHANGE = (
     "UPDATE handoffs SET status = $1, updated_at = $2, attempts = GREATEST(attempts, $3), "
@@ -417,8 +454,8 @@ async def _pg_init(conn: asyncpg.Connection) -> None:
 class PostgresStore(HandoffStore):
     """PostgreSQL through an asyncpg pool, for a router pair sharing one outbox."""
 
-    def __init__(self, dsn: str, pool_size: int = 4):
-        super().__init__()
+    def __init__(self, dsn: str, pool_size: int = 4, max_batch: int = MAX_BATCH):
+        super().__init__(max_batch)
         self.dsn = dsn
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
@@ -446,19 +483,13 @@ class PostgresStore(HandoffStore):
         async with self._pool.acquire() as conn, conn.transaction():
             created: set[str] = set()
             if inserts:
-                existing = {r["id"] for r in await conn.fetch(
-                    "SELECT id FROM handoffs WHERE id = ANY($1::text[])",
-                    [h.id for h in inserts])}
-                rows = _new_rows(inserts, existing)
-                await conn.executemany(_PG_INSERT, [
+                rows = _new_rows(inserts, set())  # ON CONFLICT cannot take one id twice
+                columns = list(zip(*[
                     (h.id, h.from_force, h.incident_id, h.to_force, h.priority, h.status,
-                     h.incident, h.accepted_at, h.updated_at, h.attempts, h.reason,
-                     h.escalated_at, h.delivered_at, [e.as_json() for e in h.history])
-                    for h in rows])
-                # a row the (from, incident_id) constraint ignored is absent under its own id
-                created = {r["id"] for r in await conn.fetch(
-                    "SELECT id FROM handoffs WHERE id = ANY($1::text[])",
-                    [h.id for h in rows])} - existing
+                     json.dumps(h.incident), h.accepted_at, h.updated_at, h.attempts, h.reason,
+                     h.escalated_at, h.delivered_at, _history_json(h.history))
+                    for h in rows], strict=True))
+                created = {r["id"] for r in await conn.fetch(_PG_INSERT, *map(list, columns))}
             changed: set[str] = set()
             if changes:
                 changed = {r["id"] for r in await conn.fetch(
@@ -493,19 +524,19 @@ class PostgresStore(HandoffStore):
 # ---- choosing one ---------------------------------------------------------------------------
 
 
-def store_for(url: str) -> HandoffStore:
+def store_for(url: str, max_batch: int = MAX_BATCH) -> HandoffStore:
     """`sqlite:///relative/or/absolute.db` or `postgresql://...` (also `postgres://`)."""
     if url.startswith("sqlite:///"):
-        return SqliteStore(Path(url.removeprefix("sqlite:///")))
+        return SqliteStore(Path(url.removeprefix("sqlite:///")), max_batch=max_batch)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(url)
+        return PostgresStore(url, max_batch=max_batch)
     raise StoreError(f"handoff.store: unsupported URL {url!r} "
                      "(use sqlite:///path or postgresql://...)")
 
 
 @contextlib.asynccontextmanager
-async def open_store(url: str) -> AsyncIterator[HandoffStore]:
-    store = store_for(url)
+async def open_store(url: str, max_batch: int = MAX_BATCH) -> AsyncIterator[HandoffStore]:
+    store = store_for(url, max_batch)
     await store.open()
     try:
         yield store

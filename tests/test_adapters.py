@@ -19,7 +19,7 @@ from adapters.base import Ack, AdapterContext, AdapterUnavailable, Delivery, Ref
 from adapters.eido import SUBPROTOCOL
 from adapters.spool import SpoolAdapter, SpoolOptions
 from router.handoff import Incident, handoff_id, open_desk
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from tests.handoff_support import incident, make_config
 
 SECRET = "s3cret-for-tests"
@@ -361,3 +361,18 @@ def test_bundled_adapters_are_all_available() -> None:
     for name in ("eido", "http_json", "mqtt", "spool", "sim"):
         assert issubclass(base.load(name).Options, base.AdapterOptions)
 
+
+
+def test_config_validation_reports_adapter_options_with_line_numbers() -> None:
+    from router.config import ConfigError, parse_config
+
+    text = (ROOT / "config" / "forces.yaml").read_text()
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if "cad: {adapter: sim}" in line)
+    lines[first] = lines[first].replace(
+        "{adapter: sim}", "{adapter: eido, options: {url: 'http://x', heartbeat_s: -1}}")
+    with pytest.raises(ConfigError) as err:
+        parse_config("\n".join(lines), "forces.yaml")
+    issues = {(i.line, i.key) for i in err.value.issues}
+    assert issues == {(first + 1, "forces.met.cad.options.url"),
+                      (first + 1, "forces.met.cad.options.heartbeat_s")}

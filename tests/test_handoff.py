@@ -162,6 +162,7 @@ async def test_late_handoff_escalates_with_alert_sheet_and_metric(tmp_path: Path
     assert "KENT-000001" in page and "&lt;script&gt;" in page and "<script>" not in page
     rows = list(csv.DictReader(io.StringIO(sheet_csv)))
     assert rows[0]["incident_id"] == "KENT-000001" and rows[0]["to"] == "tvp"
+    assert rows[0]["lon"] == "0.5" and rows[0]["caller_phone"] == "'+44 7700 900123"
     assert done is not None and "escalated_at" in done
     assert [h["status"] for h in done["history"]][-2:] == ["escalated", "delivered"]
 
@@ -216,3 +217,16 @@ async def test_unknown_adapter_or_bad_options_fail_at_start(tmp_path: Path) -> N
     text = str(err.value)
     assert "forces.kent.cad" in text and "colour: unknown option" in text and "url" in text
     assert "forces.met.cad" in text and "telepathy" in text
+
+
+def test_csv_sheet_neutralises_formulas_and_keeps_blanks() -> None:
+    import time
+
+    from router.sheets import Sheet, render_csv
+
+    now = time.time()
+    sheet = Sheet("h1", incident(1) | {"call_id": None, "summary": "=HYPERLINK(\"x\")",
+                                       "location": {"lat": 51.0, "lon": -0.5}}, now, now, "held")
+    row = next(csv.DictReader(io.StringIO(render_csv([sheet]))))
+    assert row["summary"] == "'=HYPERLINK(\"x\")" and row["lon"] == "-0.5"
+    assert row["call_id"] == "" and row["address"] == ""

@@ -19,7 +19,7 @@ from router.policy import Policy
 IDS = ("aa", "bb", "cc", "dd", "ee", "ff")
 AID_REASONS = frozenset({Reason.ORIGIN_DOWN, Reason.ORIGIN_OVERLOADED, Reason.ORIGIN_DRAINING,
                          Reason.ORIGIN_RECOVERING, Reason.ORIGIN_CAD_DOWN})
-SETTINGS = settings(max_examples=100, deadline=None,
+SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

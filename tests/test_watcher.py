@@ -56,9 +56,11 @@ async def running(*coros: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
     finally:
         for task in tasks:
             task.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=5)
+        for task in pending:
+            task.print_stack()
+        assert not pending, "a task ignored its cancellation"
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             assert task.cancelled() or task.exception() is None
 
 
