@@ -31,6 +31,7 @@ import aiomqtt
 import yaml
 from aiohttp import web
 
+from adapters.sim import sim_cad
 from router.config import RouterConfig
 from router.model import Snapshot
 from router.service import Service
@@ -236,6 +237,9 @@ class Demo:
             return
         dest = decision["destination"]
         self.window[f"{origin}>{dest}:{decision['reason']}"] += 1
+        if decision.get("action") == "announcement":  # played by the platform, then cleared
+            await self._end(session, call_id)
+            return
         centre = self.centres[dest]
         if not centre.telephony_up:  # routed before the failure was detected: caller retries
             self.window["retried"] += 1
@@ -285,10 +289,10 @@ class Demo:
             await asyncio.sleep(OUTAGE_START_S)
             self.say("⚠ INJECTED: the Met's CAD and call handling fail "
                      "(SIP stops answering, CAD health returns 503)")
-            met.telephony_up = met.cad_up = False
+            met.telephony_up = met.cad_up = sim_cad("met").up = False
             await asyncio.sleep(OUTAGE_END_S - OUTAGE_START_S)
             self.say("✓ INJECTED: the Met's systems are restored")
-            met.telephony_up = met.cad_up = True
+            met.telephony_up = met.cad_up = sim_cad("met").up = True
             await asyncio.sleep(CYCLE_S - OUTAGE_END_S)
 
     async def _telemetry(self) -> None:
@@ -337,7 +341,8 @@ class Demo:
             spread = ", ".join(f"{d} {n}" for d, n in met.most_common()) or "none"
             self.say(f"last {REPORT_EVERY_S:.0f}s: {total} calls routed; from the Met: {spread}; "
                      f"retried after undetected failure: {window['retried']}; "
-                     f"handoffs submitted so far: {self.handoffs['submitted']}")
+                     f"incidents handed back by partners: {self.handoffs['submitted']}, "
+                     f"in the Met's CAD: {len(sim_cad('met').received)}")
 
     def _auth(self, role: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[role]}"}

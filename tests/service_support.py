@@ -13,7 +13,7 @@ import aiohttp
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from router.config import parse_config
+from router.config import load_config
 from router.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ class Running:
 @contextlib.asynccontextmanager
 async def in_test_client(config_path: Path) -> AsyncIterator[Running]:
     """The same app under aiohttp's own test server and client, without background tasks."""
-    config = parse_config(config_path.read_text(), str(config_path))
+    config = load_config(config_path)
     service = Service(config, config_path, environ())
     async with TestClient(TestServer(service.app)) as client:
         yield Running(service, str(client.make_url("")).rstrip("/"), client.session, config_path)
@@ -77,7 +77,7 @@ async def in_test_client(config_path: Path) -> AsyncIterator[Running]:
 
 @contextlib.asynccontextmanager
 async def running_service(config_path: Path) -> AsyncIterator[Running]:
-    config = parse_config(config_path.read_text(), str(config_path))
+    config = load_config(config_path)
     service = Service(config, config_path, environ())
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
-from service_support import Running, make_config, running_service, in_test_client
+from service_support import Running, in_test_client, make_config, running_service
 
 ROUTE = {"call_id": "c-1", "service": "999", "origin": "met"}
 
@@ -55,7 +54,8 @@ async def test_roles_are_enforced(api: Running, method: str, path: str, role: st
     assert body["message"]
 
 
-@pytest.mark.parametrize("header", ["Bearer nope", "Basic dXNlcjpwYXNz", "Bearer ", "t-viewer-secret"])
+@pytest.mark.parametrize("header",
+                         ["Bearer nope", "Basic dXNlcjpwYXNz", "Bearer ", "t-viewer-secret"])
 async def test_bad_credentials_are_refused(api: Running, header: str) -> None:
     status, body = await api.call("GET", "/v1/forces", headers={"Authorization": header})
     assert status == 401
@@ -246,8 +246,9 @@ async def test_health_readiness_metrics_openapi_dashboard(api: Running) -> None:
     await api.call("POST", "/v1/route", "telephony", json=ROUTE)
     status, text = await api.call("GET", "/metrics")
     assert status == 200
-    assert 'overflow_calls_routed_total{destination="met",origin="met",reason="home",service="999"}' \
-        in text
+    routed = ('overflow_calls_routed_total'
+              '{destination="met",origin="met",reason="home",service="999"}')
+    assert routed in text
     assert "overflow_decision_seconds_bucket" in text
     status, spec = await api.call("GET", "/openapi.json")
     assert status == 200 and "/v1/route" in spec["paths"] and "/v1/handoffs" in spec["paths"]
@@ -256,17 +257,25 @@ async def test_health_readiness_metrics_openapi_dashboard(api: Running) -> None:
 
 
 async def test_shutdown_lets_requests_in_flight_finish(tmp_path: Path) -> None:
+    done = 0
+    twenty_done = asyncio.Event()
+
     async def route(session: aiohttp.ClientSession, base: str, i: int) -> int:
-        async with session.post(f"{base}/v1/route", json={**ROUTE, "call_id": f"s-{i}"},
-                                headers={"Authorization": "Bearer t-telephony-secret"}) as resp:
-            await resp.read()
-            return resp.status
+        nonlocal done
+        try:
+            async with session.post(f"{base}/v1/route", json={**ROUTE, "call_id": f"s-{i}"},
+                                    headers={"Authorization": "Bearer t-telephony-secret"}) as r:
+                await r.read()
+                return r.status
+        finally:
+            done += 1
+            if done >= 20:
+                twenty_done.set()
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as own:
         async with running_service(make_config(tmp_path)) as api:
             pending = [asyncio.create_task(route(own, api.base, i)) for i in range(200)]
-            while sum(t.done() for t in pending) < 20:
-                await asyncio.sleep(0.001)
+            await twenty_done.wait()
         results = await asyncio.gather(*pending, return_exceptions=True)
     # each request either completed or was refused before it started; none failed half-way
     completed = [r for r in results if isinstance(r, int)]

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import aiohttp
 import aiomqtt
-from service_support import environ, make_config, running_service
-
 from conftest import Broker, free_port
+from service_support import environ, make_config, running_service
 
 ROOT = Path(__file__).resolve().parent.parent
 
