@@ -9,6 +9,7 @@ most decisions take the overflow path, not the cheap home path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -154,50 +156,59 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(int(p * len(ordered)), len(ordered) - 1)]
 
 
+@contextlib.contextmanager
+def _router(tmp: Path) -> Iterator[str]:
+    """A fresh router process per phase, so one phase's calls never weigh on the next."""
+    config = _config(tmp)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "BENCH_TOKEN_T": TOKEN + "t", "BENCH_TOKEN_M": TOKEN + "m",
+           "OVERFLOW_LOG_LEVEL": "ERROR"}
+    router = subprocess.Popen([sys.executable, "-m", "router", "run", "--config", str(config),
+                               "--port", str(port)], env=env, cwd=tmp)
+    try:
+        asyncio.run(_prepare(base))
+        yield base
+    finally:
+        router.send_signal(signal.SIGTERM)
+        try:
+            router.wait(10)
+        except subprocess.TimeoutExpired:
+            router.kill()
+
+
 def main(argv: list[str]) -> int:
+    results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        config = _config(tmp)
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "BENCH_TOKEN_T": TOKEN + "t", "BENCH_TOKEN_M": TOKEN + "m",
-               "OVERFLOW_LOG_LEVEL": "WARNING"}
-        router = subprocess.Popen([sys.executable, "-m", "router", "run", "--config", str(config),
-                                   "--port", str(port)], env=env, cwd=tmp)
-        try:
-            asyncio.run(_prepare(base))
-            results: dict[str, object] = {}
-            wrk = shutil.which("wrk")
-            if wrk:
+        wrk = shutil.which("wrk")
+        if wrk:
+            with _router(tmp) as base:
                 out = _wrk(wrk, tmp, base, WRK_SCRIPT, connections=32, seconds=THROUGHPUT_S)
-                results["throughput_routes_per_s"] = round(out["rps"])
-                results["throughput_non_2xx"] = out["non_2xx"]
-                print(f"throughput (wrk, 1 thread, 32 connections, {THROUGHPUT_S}s): "
-                      f"{out['rps']:,.0f} routes/s, non-2xx {out['non_2xx']}")
-                # 20 connections, each pausing 20 ms between requests: about 1,000 routes/s
+            results["throughput_routes_per_s"] = round(out["rps"])
+            results["throughput_non_2xx"] = out["non_2xx"]
+            print(f"throughput (wrk, 1 thread, 32 connections, {THROUGHPUT_S}s): "
+                  f"{out['rps']:,.0f} routes/s, non-2xx {out['non_2xx']:.0f}")
+            # 20 connections, each pausing 20 ms between requests: about 1,000 routes/s
+            with _router(tmp) as base:
                 paced = PACED_SCRIPT.replace("DELAY_MS", "20")
                 out = _wrk(wrk, tmp, base, paced, connections=20, seconds=FIXED_S)
-                results.update(paced_routes_per_s=round(out["rps"]), paced_p50_ms=out["p50_ms"],
-                               paced_p99_ms=out["p99_ms"], paced_non_2xx=out["non_2xx"])
-                print(f"paced (wrk, 20 connections x 20 ms pauses, {FIXED_S}s): "
-                      f"{out['rps']:,.0f} routes/s, p50 {out['p50_ms']:.2f} ms, "
-                      f"p99 {out['p99_ms']:.2f} ms, non-2xx {out['non_2xx']}")
-            else:
-                print("wrk not installed (Debian package wrk): throughput skipped")
+            results.update(paced_routes_per_s=round(out["rps"]), paced_p50_ms=out["p50_ms"],
+                           paced_p99_ms=out["p99_ms"], paced_non_2xx=out["non_2xx"])
+            print(f"paced (wrk, 20 connections x 20 ms pauses, {FIXED_S}s): "
+                  f"{out['rps']:,.0f} routes/s, p50 {out['p50_ms']:.2f} ms, "
+                  f"p99 {out['p99_ms']:.2f} ms, non-2xx {out['non_2xx']:.0f}")
+        else:
+            print("wrk not installed (Debian package wrk): throughput and paced runs skipped")
+        with _router(tmp) as base:
             latencies, errors = asyncio.run(_fixed_rate(base, FIXED_RATE, FIXED_S))
-            p50, p99 = _pct(latencies, 0.5) * 1e3, _pct(latencies, 0.99) * 1e3
-            results.update(open_loop_rate=FIXED_RATE, open_loop_p50_ms=round(p50, 2),
-                           open_loop_p99_ms=round(p99, 2), open_loop_errors=errors)
-            print(f"open loop {FIXED_RATE}/s for {FIXED_S}s (Python aiohttp client, includes "
-                  f"the client's own scheduling delays): p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
-                  f"errors {errors}/{len(latencies)}")
-            print(json.dumps(results))
-        finally:
-            router.send_signal(signal.SIGTERM)
-            try:
-                router.wait(10)
-            except subprocess.TimeoutExpired:
-                router.kill()
+        p50, p99 = _pct(latencies, 0.5) * 1e3, _pct(latencies, 0.99) * 1e3
+        results.update(open_loop_rate=FIXED_RATE, open_loop_p50_ms=round(p50, 2),
+                       open_loop_p99_ms=round(p99, 2), open_loop_errors=errors)
+        print(f"open loop {FIXED_RATE}/s for {FIXED_S}s (Python aiohttp client, includes "
+              f"the client's own scheduling delays): p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+              f"errors {errors}/{len(latencies)}")
+    print(json.dumps(results))
     return 0
 
 

@@ -73,7 +73,7 @@ class CallDesk:
         metrics.CALLS_IN_FLIGHT.labels(call.destination).dec()
         return True
 
-    def expire(self, limit: int = 500) -> int:
+    def expire(self, limit: int = 100) -> int:
         """End calls older than the configured maximum: a lost hang-up must not leak capacity.
         At most `limit` at a time, so a sweep never stalls routing."""
         stale = self.ledger.expire(self._clock(), self.max_call_duration_s, limit)

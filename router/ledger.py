@@ -49,7 +49,7 @@ class Ledger:
             self._count(call, -1)
         return call
 
-    def expire(self, now: float, max_age_s: float, limit: int = 500) -> list[Call]:
+    def expire(self, now: float, max_age_s: float, limit: int = 100) -> list[Call]:
         """End up to `limit` calls older than max_age_s: a lost 'call ended' must not leak
         capacity forever. The limit keeps one sweep short; callers sweep again while full."""
         stale: list[Call] = []

@@ -12,7 +12,7 @@ from aiohttp import web
 from router import metrics
 from router.auth import TokenBook
 from router.calls import CallDesk
-from router.config import ConfigError, RouterConfig, load_config
+from router.config import ConfigError, ConfigIssue, RouterConfig, load_config
 from router.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ class Runtime:
 
         Nothing awaits between the swaps below, so no request sees half of each config.
         """
-        if self.config_path is None:
-            raise ConfigError([])
+        if self.config_path is None:  # the demo builds its config in memory
+            raise ConfigError([ConfigIssue("(none)", 0, "(file)",
+                                           "started without a config file: nothing to reload")])
         try:
             config = load_config(self.config_path)
         except ConfigError:

@@ -12,19 +12,18 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from router import api, api_handoffs
 from router.audit import AuditLog
 from router.auth import TOKENS, TokenBook
 from router.calls import CallDesk
-from router.config import RouterConfig, load_config
-from router.handoff import open_desk
+from router.config import ConfigError, RouterConfig, load_config
+from router.handoff import HandoffDesk, open_desk
 from router.http_util import MAX_BODY_BYTES
 from router.model import Snapshot
 from router.mqtt import MqttLink
@@ -117,7 +116,7 @@ class Service:
             await runner.cleanup()
             self.audit.close()
 
-    def _cad_watch(self, desk: Any) -> Callable[[Snapshot], None]:
+    def _cad_watch(self, desk: HandoffDesk) -> Callable[[Snapshot], None]:
         """Tell the handoff desk when a CAD comes back, so its held backlog drains."""
         last: dict[str, bool] = {}
 
@@ -172,8 +171,6 @@ def install_signals(stop: asyncio.Event, reload: Callable[[], None]) -> None:
 
 def _reload_on_hup(runtime: Runtime) -> Callable[[], None]:
     def reload() -> None:
-        from router.config import ConfigError
-
         try:
             runtime.reload()
         except ConfigError as exc:
@@ -189,9 +186,3 @@ async def serve(config_path: Path, host: str | None, port: int | None) -> None:
     install_signals(stop, _reload_on_hup(service.runtime))
     listen = config.service.listen
     await service.run(host or listen.host, listen.port if port is None else port, stop)
-
-
-@contextlib.asynccontextmanager
-async def client_session(timeout_s: float = 5.0) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-        yield session
