@@ -177,6 +177,33 @@ def _router(tmp: Path) -> Iterator[str]:
             router.kill()
 
 
+HELLO = """
+import sys
+from aiohttp import web
+async def route(request):
+    return web.Response(text="sip:999@cc.kent.police.example")
+app = web.Application()
+app.router.add_get("/v1/route", route)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+@contextlib.contextmanager
+def _hello() -> Iterator[str]:
+    """The floor: a bare aiohttp handler that returns a fixed URI, same machine, same load."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", HELLO, str(port)])
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def main(argv: list[str]) -> int:
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -190,14 +217,22 @@ def main(argv: list[str]) -> int:
             print(f"throughput (wrk, 1 thread, 32 connections, {THROUGHPUT_S}s): "
                   f"{out['rps']:,.0f} routes/s, non-2xx {out['non_2xx']:.0f}")
             # 20 connections, each pausing 20 ms between requests: about 1,000 routes/s
-            with _router(tmp) as base:
-                paced = PACED_SCRIPT.replace("DELAY_MS", "20")
-                out = _wrk(wrk, tmp, base, paced, connections=20, seconds=FIXED_S)
-            results.update(paced_routes_per_s=round(out["rps"]), paced_p50_ms=out["p50_ms"],
-                           paced_p99_ms=out["p99_ms"], paced_non_2xx=out["non_2xx"])
-            print(f"paced (wrk, 20 connections x 20 ms pauses, {FIXED_S}s): "
-                  f"{out['rps']:,.0f} routes/s, p50 {out['p50_ms']:.2f} ms, "
-                  f"p99 {out['p99_ms']:.2f} ms, non-2xx {out['non_2xx']:.0f}")
+            paced = PACED_SCRIPT.replace("DELAY_MS", "20")
+            paced_p99: dict[str, float] = {}
+            for name, server in (("router", _router(tmp)), ("bare aiohttp", _hello())):
+                with server as base:
+                    out = _wrk(wrk, tmp, base, paced, connections=20, seconds=FIXED_S)
+                key = "paced" if name == "router" else "paced_bare"
+                paced_p99[key] = out["p99_ms"]
+                results.update({f"{key}_routes_per_s": round(out["rps"]),
+                                f"{key}_p50_ms": out["p50_ms"], f"{key}_p99_ms": out["p99_ms"],
+                                f"{key}_non_2xx": out["non_2xx"]})
+                print(f"paced, {name} (wrk, 20 connections x 20 ms pauses, {FIXED_S}s): "
+                      f"{out['rps']:,.0f} requests/s, p50 {out['p50_ms']:.2f} ms, "
+                      f"p99 {out['p99_ms']:.2f} ms, non-2xx {out['non_2xx']:.0f}")
+            ratio = paced_p99["paced"] / paced_p99["paced_bare"]
+            results["paced_p99_ratio_router_to_bare"] = round(ratio, 2)
+            print(f"p99 router / bare aiohttp, same run: {ratio:.2f}")
         else:
             print("wrk not installed (Debian package wrk): throughput and paced runs skipped")
         with _router(tmp) as base:
