@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from conftest import ROOT, free_port
+from handoff_support import incident, make_config
 
 from adapters import base
 from adapters.base import Ack, AdapterContext, AdapterUnavailable, Delivery, Refusal
 from adapters.eido import SUBPROTOCOL
 from adapters.spool import SpoolAdapter, SpoolOptions
 from router.handoff import Incident, handoff_id, open_desk
-from tests.conftest import ROOT, free_port
-from tests.handoff_support import incident, make_config
 
 SECRET = "s3cret-for-tests"
 

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from handoff_support import incident, make_config
 
 from adapters import base
 from router.handoff import Incident, open_desk
-from tests.handoff_support import incident, make_config
 
 PKG = Path(__file__).resolve().parent / "adapter_pkg"
 

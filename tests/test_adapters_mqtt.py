@@ -11,12 +11,12 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from conftest import Broker
+from handoff_support import incident
 
 from adapters import base
 from adapters.base import Ack, AdapterContext, AdapterUnavailable, Delivery, Refusal
 from router.handoff import Incident, handoff_id
-from tests.conftest import Broker
-from tests.handoff_support import incident
 
 pytestmark = pytest.mark.services
 

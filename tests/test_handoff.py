@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from handoff_support import incident, make_config
 
 from adapters import sim
 from adapters.sim import sim_cad
 from router import metrics
 from router.handoff import HandoffDesk, Incident, open_desk
-from tests.handoff_support import incident, make_config
 
 
 @pytest.fixture(autouse=True)

@@ -11,14 +11,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import free_port
+from handoff_support import incident, make_config
 
 from adapters import sim
 from router import api, api_handoffs
 from router.auth import TOKENS, TokenBook
 from router.config import Token
 from router.handoff import open_desk
-from tests.conftest import free_port
-from tests.handoff_support import incident, make_config
 
 TOKENS_ENV = {"T_KENT": "kent-secret", "T_MET": "met-secret", "T_VIEW": "view-secret",
               "T_PHONE": "phone-secret"}

@@ -21,9 +21,8 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-
-from tests.conftest import ROOT, free_port
-from tests.handoff_support import config_data, incident
+from conftest import ROOT, free_port
+from handoff_support import config_data, incident
 
 PARTNERS = ("kent", "essex", "surrey")
 PER_PARTNER = 40
