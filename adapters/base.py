@@ -13,13 +13,14 @@ pydantic model, validated when the router starts (and by `overflow-router valida
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -100,6 +101,44 @@ class AdapterFactory(Protocol):
     Options: ClassVar[type[AdapterOptions]]
 
     def __call__(self, options: Any, context: AdapterContext) -> Adapter: ...
+
+
+class Link(Protocol):
+    """A connection an adapter keeps open between deliveries."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+L = TypeVar("L", bound=Link)
+
+
+class Reconnecting(Generic[L]):
+    """One live link at a time, opened on first use and replaced once it dies.
+
+    The lock makes concurrent deliveries share one connection attempt instead of racing to
+    open several.
+    """
+
+    def __init__(self, open_link: Callable[[], Awaitable[L]]):
+        self._open = open_link
+        self._link: L | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> L:
+        async with self._lock:
+            if self._link is not None and self._link.alive:
+                return self._link
+            await self.close()
+            self._link = await self._open()
+            return self._link
+
+    async def close(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
 
 
 def available() -> dict[str, str]:

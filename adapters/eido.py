@@ -34,6 +34,7 @@ from adapters.base import (
     AdapterUnavailable,
     Delivery,
     Outcome,
+    Reconnecting,
     Refusal,
 )
 
@@ -173,44 +174,36 @@ class EidoAdapter:
     def __init__(self, options: EidoOptions, context: AdapterContext):
         self.options = options
         self.context = context
-        self._link: _Link | None = None
-        self._connecting = asyncio.Lock()
+        self._links = Reconnecting(self._open)
 
-    async def _connect(self) -> _Link:
-        async with self._connecting:
-            if self._link is not None and self._link.alive:
-                return self._link
-            if self._link is not None:
-                await self._link.close()
-                self._link = None
-            opts = self.options
-            session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=opts.connect_timeout_s))
-            try:
-                ws = await session.ws_connect(opts.url, protocols=(SUBPROTOCOL,),
-                                              heartbeat=opts.heartbeat_s,
-                                              timeout=aiohttp.ClientWSTimeout(
-                                                  ws_close=opts.connect_timeout_s))
-                async with asyncio.timeout(opts.subscribe_timeout_s):
-                    request = await ws.receive_json()
-                sub = request.get("subscribe") if isinstance(request, dict) else None
-                if not isinstance(sub, dict):
-                    await ws.close()
-                    raise AdapterUnavailable(f"EIDO peer did not subscribe (sent {request!r:.80})")
-                link = _Link(session, ws, f"sub-{uuid.uuid4()}")
-                await link._answer_subscribe(sub)
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                await session.close()
-                raise AdapterUnavailable(f"cannot open EIDO conveyance to {opts.url}: "
-                                         f"{exc or type(exc).__name__}") from exc
-            except BaseException:
-                await session.close()
-                raise
-            self._link = link
-            return link
+    async def _open(self) -> _Link:
+        opts = self.options
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=opts.connect_timeout_s))
+        try:
+            ws = await session.ws_connect(opts.url, protocols=(SUBPROTOCOL,),
+                                          heartbeat=opts.heartbeat_s,
+                                          timeout=aiohttp.ClientWSTimeout(
+                                              ws_close=opts.connect_timeout_s))
+            async with asyncio.timeout(opts.subscribe_timeout_s):
+                request = await ws.receive_json()
+            sub = request.get("subscribe") if isinstance(request, dict) else None
+            if not isinstance(sub, dict):
+                await ws.close()
+                raise AdapterUnavailable(f"EIDO peer did not subscribe (sent {request!r:.80})")
+            link = _Link(session, ws, f"sub-{uuid.uuid4()}")
+            await link._answer_subscribe(sub)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            await session.close()
+            raise AdapterUnavailable(f"cannot open EIDO conveyance to {opts.url}: "
+                                     f"{exc or type(exc).__name__}") from exc
+        except BaseException:
+            await session.close()
+            raise
+        return link
 
     async def deliver(self, delivery: Delivery) -> Outcome:
-        link = await self._connect()
+        link = await self._links.get()
         try:
             response = await link.event(delivery.key,
                                         eido_document(delivery, self.options.sender))
@@ -226,6 +219,4 @@ class EidoAdapter:
         raise AdapterUnavailable(f"EIDO eventResponse {code} {text}".strip())
 
     async def aclose(self) -> None:
-        if self._link is not None:
-            await self._link.close()
-            self._link = None
+        await self._links.close()

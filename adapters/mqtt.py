@@ -27,6 +27,7 @@ from adapters.base import (
     AdapterUnavailable,
     Delivery,
     Outcome,
+    Reconnecting,
     Refusal,
 )
 
@@ -89,33 +90,25 @@ class MqttAdapter:
     def __init__(self, options: MqttOptions, context: AdapterContext):
         self.options = options
         self.topic = f"{options.prefix}handoffs/{context.force}"
-        self._session: _Session | None = None
-        self._connecting = asyncio.Lock()
+        self._sessions = Reconnecting(self._open)
 
-    async def _connect(self) -> _Session:
-        async with self._connecting:
-            if self._session is not None and self._session.alive:
-                return self._session
-            if self._session is not None:
-                await self._session.close()
-                self._session = None
-            opts = self.options
-            stack = contextlib.AsyncExitStack()
-            client = aiomqtt.Client(opts.host, opts.port, timeout=opts.connect_timeout_s,
-                                    identifier=f"overflow-handoff-{uuid.uuid4().hex[:12]}")
-            try:
-                await stack.enter_async_context(client)
-                await client.subscribe(self.topic + "/ack", qos=1,
-                                       timeout=opts.connect_timeout_s)
-            except (aiomqtt.MqttError, OSError) as exc:
-                with contextlib.suppress(aiomqtt.MqttError, OSError):
-                    await stack.aclose()
-                raise AdapterUnavailable(f"MQTT broker {opts.host}:{opts.port}: {exc}") from exc
-            self._session = _Session(stack, client)
-            return self._session
+    async def _open(self) -> _Session:
+        opts = self.options
+        stack = contextlib.AsyncExitStack()
+        client = aiomqtt.Client(opts.host, opts.port, timeout=opts.connect_timeout_s,
+                                identifier=f"overflow-handoff-{uuid.uuid4().hex[:12]}")
+        try:
+            await stack.enter_async_context(client)
+            await client.subscribe(self.topic + "/ack", qos=1,
+                                   timeout=opts.connect_timeout_s)
+        except (aiomqtt.MqttError, OSError) as exc:
+            with contextlib.suppress(aiomqtt.MqttError, OSError):
+                await stack.aclose()
+            raise AdapterUnavailable(f"MQTT broker {opts.host}:{opts.port}: {exc}") from exc
+        return _Session(stack, client)
 
     async def deliver(self, delivery: Delivery) -> Outcome:
-        session = await self._connect()
+        session = await self._sessions.get()
         done: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
         session.waiting[delivery.key] = done
         payload = json.dumps({"key": delivery.key, "incident": dict(delivery.incident)})
@@ -139,6 +132,4 @@ class MqttAdapter:
         raise AdapterUnavailable(f"CAD answered {status!r}")
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._sessions.close()

@@ -6,6 +6,8 @@ instead of skipping it, so a green CI run always means the real thing was exerci
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -123,3 +125,14 @@ def pg_dsn() -> Iterator[str]:
         yield f"{base}/{name}"
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def stop_task(task: asyncio.Task[object]) -> None:
+    """Cancel a task and wait for it, cancelling again if it swallowed the first cancel:
+    on Python 3.11 aiomqtt's `wait_for`-timed calls can drop a cancellation that arrives as
+    the call completes (fixed in 3.12), which would leave a plain `await task` hanging."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    with contextlib.suppress(BaseException):
+        task.result()

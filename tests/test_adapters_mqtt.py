@@ -11,7 +11,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from conftest import Broker
+from conftest import Broker, stop_task
 from handoff_support import incident
 
 from adapters import base
@@ -50,9 +50,7 @@ async def kent_cad(broker: Broker, answer: str = "accepted") -> AsyncIterator[li
     try:
         yield seen
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await task
+        await stop_task(task)
 
 
 def adapter(broker: Broker, ack_timeout_s: float = 2.0) -> Any:
