@@ -76,14 +76,17 @@ class SipResponder(asyncio.DatagramProtocol):
         self.transport.sendto(reply.encode(), addr)
 
 
-@pytest.fixture
-async def http_server() -> AsyncIterator[HealthServer]:
+async def serving_health() -> AsyncIterator[HealthServer]:
+    """A started HealthServer, stopped afterwards; a fixture body other test files reuse."""
     server = HealthServer()
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+http_server = pytest.fixture(serving_health, name="http_server")
 
 
 @pytest.fixture

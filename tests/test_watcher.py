@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from conftest import Broker, free_port
 from health_support import make_config
-from test_probes import HealthServer, SipResponder
+from test_probes import HealthServer, SipResponder, serving_health
 
 from router import metrics
 from router.audit import AuditLog, read_audit
@@ -75,17 +75,8 @@ async def sip() -> AsyncIterator[tuple[SipResponder, str]]:
         transport.close()
 
 
-async def _health_server() -> AsyncIterator[HealthServer]:
-    server = HealthServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-cad = pytest.fixture(_health_server, name="cad")
-partners = pytest.fixture(_health_server, name="partners")  # every other force's centre
+cad = pytest.fixture(serving_health, name="cad")
+partners = pytest.fixture(serving_health, name="partners")  # every other force's centre
 
 
 def met_probes(sip_target: str, cad_url: str | None = None,
