@@ -141,6 +141,36 @@ class Reconnecting(Generic[L]):
             await link.close()
 
 
+class Replies:
+    """Deliveries awaiting the peer's acknowledgement, matched by key.
+
+    A link's reader resolves them as answers arrive; when the link dies every one still
+    waiting fails at once with AdapterUnavailable, so no delivery waits out its timeout.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+
+    def expect(self, key: str) -> asyncio.Future[Mapping[str, Any]]:
+        future: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = future
+        return future
+
+    def forget(self, key: str) -> None:
+        self._waiting.pop(key, None)
+
+    def answer(self, key: str, reply: Mapping[str, Any]) -> None:
+        waiter = self._waiting.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
+
+    def fail_all(self, error: AdapterUnavailable) -> None:
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiting.clear()
+
+
 def available() -> dict[str, str]:
     """Every adapter name the router can use, with where it comes from."""
     found = dict(BUILTIN)

@@ -36,6 +36,7 @@ from adapters.base import (
     Outcome,
     Reconnecting,
     Refusal,
+    Replies,
 )
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class _Link:
         self.session = session
         self.ws = ws
         self.subscription_id = subscription_id
-        self.waiting: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+        self.replies = Replies()
         self.reader = asyncio.create_task(self._read(), name="eido-reader")
 
     @property
@@ -130,17 +131,11 @@ class _Link:
                     continue
                 response = data.get("eventResponse") if isinstance(data, dict) else None
                 if isinstance(response, dict):
-                    waiter = self.waiting.pop(str(response.get("transactionId")), None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(response)
+                    self.replies.answer(str(response.get("transactionId")), response)
                 elif isinstance(data, dict) and "subscribe" in data:
                     await self._answer_subscribe(data["subscribe"])
         finally:
-            lost = AdapterUnavailable("EIDO WebSocket closed")
-            for waiter in self.waiting.values():
-                if not waiter.done():
-                    waiter.set_exception(lost)
-            self.waiting.clear()
+            self.replies.fail_all(AdapterUnavailable("EIDO WebSocket closed"))
 
     async def _answer_subscribe(self, request: Any) -> None:
         """A re-subscribe on a live link keeps the same subscription."""
@@ -150,15 +145,14 @@ class _Link:
             "statusCode": 200, "statusText": "OK"}})
 
     async def event(self, transaction_id: str, eido: Mapping[str, Any]) -> Mapping[str, Any]:
-        done: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
-        self.waiting[transaction_id] = done
+        done = self.replies.expect(transaction_id)
         try:
             await self.ws.send_json({"event": {"subscriptionId": self.subscription_id,
                                                "transactionId": transaction_id,
                                                "notification": [eido]}})
             return await done
         finally:
-            self.waiting.pop(transaction_id, None)
+            self.replies.forget(transaction_id)
 
     async def close(self) -> None:
         self.reader.cancel()

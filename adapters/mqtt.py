@@ -14,8 +14,6 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Mapping
-from typing import Any
 
 import aiomqtt
 from pydantic import Field
@@ -29,6 +27,7 @@ from adapters.base import (
     Outcome,
     Reconnecting,
     Refusal,
+    Replies,
 )
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class _Session:
     def __init__(self, stack: contextlib.AsyncExitStack, client: aiomqtt.Client):
         self.stack = stack
         self.client = client
-        self.waiting: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+        self.replies = Replies()
         self.reader = asyncio.create_task(self._read(), name="mqtt-adapter-acks")
 
     @property
@@ -64,17 +63,11 @@ class _Session:
                     log.warning("unreadable handoff ack on %s; ignored", message.topic)
                     continue
                 if isinstance(ack, dict):
-                    waiter = self.waiting.pop(str(ack.get("key")), None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(ack)
+                    self.replies.answer(str(ack.get("key")), ack)
         except aiomqtt.MqttError as exc:
             log.info("MQTT adapter lost the broker: %s", exc)
         finally:
-            lost = AdapterUnavailable("MQTT connection lost")
-            for waiter in self.waiting.values():
-                if not waiter.done():
-                    waiter.set_exception(lost)
-            self.waiting.clear()
+            self.replies.fail_all(AdapterUnavailable("MQTT connection lost"))
 
     async def close(self) -> None:
         self.reader.cancel()
@@ -109,8 +102,7 @@ class MqttAdapter:
 
     async def deliver(self, delivery: Delivery) -> Outcome:
         session = await self._sessions.get()
-        done: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
-        session.waiting[delivery.key] = done
+        done = session.replies.expect(delivery.key)
         payload = json.dumps({"key": delivery.key, "incident": dict(delivery.incident)})
         try:
             await session.client.publish(self.topic, payload, qos=1,
@@ -123,7 +115,7 @@ class MqttAdapter:
             raise AdapterUnavailable(
                 f"no ack on {self.topic}/ack within {self.options.ack_timeout_s}s") from exc
         finally:
-            session.waiting.pop(delivery.key, None)
+            session.replies.forget(delivery.key)
         status = ack.get("status")
         if status in ("accepted", "duplicate"):
             return Ack(reference=str(ack.get("reference", "")), duplicate=status == "duplicate")
