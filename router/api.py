@@ -141,13 +141,14 @@ async def delete_override(request: web.Request) -> web.Response:
 async def post_reload(request: web.Request) -> web.Response:
     rt = _runtime(request)
     try:
-        config = rt.reload()
+        reloaded = rt.reload()
     except ConfigError as exc:
         log.error("config reload refused; keeping the running config:\n%s", exc)
         return web.json_response(
             {"error": "config_invalid", "message": "the new config is invalid; the old one stays",
              "issues": [str(i) for i in exc.issues]}, status=422)
-    return web.json_response({"status": "reloaded", "forces": list(config.forces)})
+    return web.json_response({"status": "reloaded", "forces": list(reloaded.config.forces),
+                              "restart_required": reloaded.restart_required})
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -189,7 +190,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         response = error_response(500, "internal", "internal error; see the router's log")
-    metrics.HTTP_REQUESTS.labels(name, str(response.status)).inc()
+    metrics.child(metrics.HTTP_REQUESTS, name, str(response.status)).inc()
     return response
 
 

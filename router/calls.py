@@ -59,9 +59,9 @@ class CallDesk:
         record = decision_record(decision, call_id, f"{self._boot}-{self._seq:x}",
                                  datetime.now(UTC).isoformat(timespec="milliseconds"))
         self._records[call_id] = record
-        metrics.CALLS_ROUTED.labels(service.value, origin, decision.destination,
-                                    decision.reason.value).inc()
-        metrics.CALLS_IN_FLIGHT.labels(decision.destination).inc()
+        metrics.child(metrics.CALLS_ROUTED, service.value, origin, decision.destination,
+                      decision.reason.value).inc()
+        metrics.child(metrics.CALLS_IN_FLIGHT, decision.destination).inc()
         return record, True
 
     def end(self, call_id: str) -> bool:
@@ -70,7 +70,7 @@ class CallDesk:
         if call is None:
             return False
         self._records.pop(call_id, None)
-        metrics.CALLS_IN_FLIGHT.labels(call.destination).dec()
+        metrics.child(metrics.CALLS_IN_FLIGHT, call.destination).dec()
         return True
 
     def expire(self, limit: int = 100) -> int:
@@ -79,8 +79,8 @@ class CallDesk:
         stale = self.ledger.expire(self._clock(), self.max_call_duration_s, limit)
         for call in stale:
             self._records.pop(call.call_id, None)
-            metrics.CALLS_IN_FLIGHT.labels(call.destination).dec()
-            metrics.CALLS_EXPIRED.labels(call.destination).inc()
+            metrics.child(metrics.CALLS_IN_FLIGHT, call.destination).dec()
+            metrics.child(metrics.CALLS_EXPIRED, call.destination).inc()
         return len(stale)
 
     def routing_table(self, snapshot: Snapshot) -> dict[str, dict[str, list[dict[str, Any]]]]:

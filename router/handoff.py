@@ -15,6 +15,11 @@ back to the home force through `POST /v1/handoffs`. The desk:
 - escalates a handoff that misses its priority's deadline: status `escalated` (it still keeps
   trying), an alert through the injected callback, the metric, and a printable sheet.
 
+A config reload (`reconfigure`) applies new deadlines, retries, concurrency limits, spool
+folder and CAD adapters while handoffs are in flight: a replaced adapter is closed only once the
+deliveries using it have finished, and a force removed from the config keeps its destination
+until everything it holds is finished, so nothing accepted is lost.
+
 Status history is recorded with every change (router/store.py). After a restart the desk
 resumes every unfinished handoff from the store; one interrupted mid-delivery is delivered
 again with the same key, which is what makes "exactly once" hold at the CAD.
@@ -28,7 +33,7 @@ import heapq
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -47,7 +52,7 @@ from tenacity import (
 from adapters import base as adapters
 from adapters.base import Ack, Adapter, AdapterContext, AdapterUnavailable, Delivery, Refusal
 from router import metrics
-from router.config import FORCE_ID, Handoff, RouterConfig
+from router.config import FORCE_ID, Cad, Handoff, RouterConfig
 from router.model import Service
 from router.sheets import Sheet, write_sheet
 from router.store import HandoffStore, HistoryEntry, StatusChange, StoredHandoff, open_store
@@ -60,6 +65,7 @@ ID_NAMESPACE = uuid.UUID("0d3c6f0e-6a43-5b8e-9a51-2f1f0c6f7e21")
 MAX_IDLE_S = 1.0  # a closed destination re-checks its CAD at least this often
 Alert = Callable[[dict[str, Any]], None]
 CadUp = Callable[[str], bool]
+Spec = tuple[Cad, str]  # what a force's adapter is built from: its `cad:` block, the spool folder
 
 # ---- the incident, as the contract defines it -----------------------------------------------
 
@@ -187,16 +193,73 @@ class _Live:
         return RANK[self.priority], self.accepted_at, self.id
 
 
+def _spec(config: RouterConfig, force: str) -> Spec:
+    return config.forces[force].cad, config.handoff.spool_dir
+
+
+@dataclass(slots=True, eq=False)
+class _Cad:
+    """An adapter and the deliveries using it: one a reload replaced is closed once they end."""
+
+    adapter: Adapter
+    spec: Spec | None  # None: built by someone who did not say from what
+    users: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while users == 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Adapter]:
+        self.users += 1
+        self.idle.clear()
+        try:
+            yield self.adapter
+        finally:
+            self.users -= 1
+            if not self.users:
+                self.idle.set()
+
+
+@dataclass(slots=True)
+class _Slots:
+    """Deliveries in flight to one CAD, at most `limit`. A reload may change the limit: those
+    already in flight finish, and no new one starts while `limit` or more are."""
+
+    limit: int
+    busy: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def acquire(self) -> None:
+        while self.busy >= self.limit:
+            self.freed.clear()
+            await self.freed.wait()
+        self.busy += 1
+
+    def release(self) -> None:
+        self.busy -= 1
+        self.freed.set()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self.freed.set()
+
+
 @dataclass(slots=True)
 class _Destination:
     force: str
-    adapter: Adapter
-    slots: asyncio.Semaphore
+    cad: _Cad
+    slots: _Slots
     queue: list[tuple[tuple[int, float, str], _Live]] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     suspended_until: float | None = None  # set after retries run out: hold and probe
     unfinished: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while unfinished == 0
+    removed: bool = False  # its force left the config: finish what it holds, take nothing new
+    staffed: bool = False  # its worker has been started
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     def push(self, item: _Live) -> None:
         heapq.heappush(self.queue, (item.order, item))
@@ -214,31 +277,100 @@ class _Destination:
 
 class HandoffDesk:
     """Accepts, stores, delivers and escalates handoffs. Run `run()` in a task (open_desk
-    does); `submit`, `get`, `query` and `cad_state_changed` may be called meanwhile."""
+    does); `submit`, `get`, `query`, `cad_state_changed` and `reconfigure` may be called
+    meanwhile."""
 
     def __init__(self, settings: Handoff, store: HandoffStore, adapters_by_force: Mapping[
-            str, Adapter], *, alert: Alert, cad_up: CadUp, clock: Callable[[], float] = time.time):
-        self.settings = settings
+            str, Adapter], *, alert: Alert, cad_up: CadUp, clock: Callable[[], float] = time.time,
+                 built_from: RouterConfig | None = None):
+        """`built_from`: the config the adapters were built from, so that a reload rebuilds
+        only those whose spec changed (without it, the first reload rebuilds them all)."""
         self.store = store
         self.alert = alert
         self.cad_up = cad_up
         self.clock = clock
-        self.spool_dir = Path(settings.spool_dir)
-        self._deadline_s: dict[str, float] = {str(k): v for k, v in settings.deadlines_s.items()}
-        self._dests = {force: _Destination(force, adapter, asyncio.Semaphore(
-            settings.max_concurrency)) for force, adapter in adapters_by_force.items()}
+        self._apply(settings)
+        self._dests: dict[str, _Destination] = {}
+        for force, adapter in adapters_by_force.items():
+            self._add(force, _Cad(adapter, _spec(built_from, force) if built_from else None))
         self._live: dict[str, _Live] = {}
-        for dest in self._dests.values():
-            dest.idle.set()
         self._deadlines: list[tuple[float, str]] = []
         self._deadline_wake = asyncio.Event()
+        self._replaced: list[_Cad] = []  # to close once idle; `run` starts the closing
+        self._unclosed = {dest.cad for dest in self._dests.values()}
+        self._reconfigured = asyncio.Event()  # `run` has workers to start or adapters to close
+
+    def _apply(self, settings: Handoff) -> None:
+        self.settings = settings
+        self.spool_dir = Path(settings.spool_dir)
+        self._deadline_s: dict[str, float] = {str(k): v for k, v in settings.deadlines_s.items()}
+
+    def _add(self, force: str, cad: _Cad) -> None:
+        self._dests[force] = _Destination(force, cad, _Slots(self.settings.max_concurrency))
+
+    # -- reloading ------------------------------------------------------------------------------
+
+    def reconfigure(self, config: RouterConfig) -> None:
+        """Apply a reloaded config, or raise AdapterConfigError and change nothing.
+
+        Every adapter to replace is built before anything is swapped, and nothing awaits
+        from then on, so no delivery sees half of each config. Deadlines apply to unfinished
+        handoffs too; deliveries in flight finish on the adapter and retry plan they started
+        with. `handoff.store` is not reapplied: the store stays open until a restart.
+        """
+        changed = [force for force in config.forces if force not in self._dests
+                   or self._dests[force].cad.spec != _spec(config, force)]
+        built = build_adapters(config, changed)
+        self._apply(config.handoff)
+        for force, adapter in built.items():
+            cad = _Cad(adapter, _spec(config, force))
+            self._unclosed.add(cad)
+            if force in self._dests:
+                self._replace(self._dests[force].cad)
+                self._dests[force].cad = cad
+            else:
+                self._add(force, cad)
+        for force, dest in self._dests.items():
+            if force not in config.forces and not dest.removed:
+                log.warning("%s left the config: its %d unfinished handoffs are still "
+                            "delivered, new ones refused", force, dest.unfinished)
+            dest.removed = force not in config.forces
+            dest.slots.resize(config.handoff.max_concurrency)
+            dest.wake.set()
+        self._deadlines = [(item.accepted_at + self._deadline_s[item.priority], item.id)
+                           for item in self._live.values()
+                           if not item.escalated and item.priority in self._deadline_s]
+        heapq.heapify(self._deadlines)
+        self._deadline_wake.set()
+        self._reconfigured.set()
+
+    def _replace(self, cad: _Cad) -> None:
+        self._replaced.append(cad)
+        self._reconfigured.set()
+
+    async def _close_when_idle(self, cad: _Cad) -> None:
+        await cad.idle.wait()
+        await self._close(cad)
+
+    async def _close(self, cad: _Cad) -> None:
+        if cad in self._unclosed:
+            self._unclosed.discard(cad)
+            try:
+                await cad.adapter.aclose()
+            except Exception:
+                log.exception("closing a CAD adapter failed")
+
+    async def aclose(self) -> None:
+        """Close every adapter still held, reloads' included (once the workers have stopped)."""
+        for cad in list(self._unclosed):
+            await self._close(cad)
 
     # -- the API's side -------------------------------------------------------------------------
 
     async def submit(self, incident: Incident) -> tuple[dict[str, Any], bool]:
         """Store the incident durably; (handoff JSON, True) if new, (existing, False) if not."""
         dest = self._dests.get(incident.to)
-        if dest is None:
+        if dest is None or dest.removed:
             raise UnknownDestination(f"to: unknown force {incident.to!r}")
         now = self.clock()
         hid = handoff_id(incident.from_, incident.incident_id)
@@ -276,7 +408,9 @@ class HandoffDesk:
 
     async def drained(self, force: str) -> None:
         """Return once nothing is left to deliver to `force` (for tests and benchmarks)."""
-        await self._dests[force].idle.wait()
+        dest = self._dests.get(force)
+        if dest is not None:
+            await dest.idle.wait()
 
     def cad_state_changed(self, force: str, up: bool) -> None:
         """The health watcher's word: a CAD back up ends any hold at once."""
@@ -305,10 +439,20 @@ class HandoffDesk:
         return len(rows)
 
     async def run(self) -> None:
+        """The escalator and a worker per destination; after each reload, the workers of added
+        forces and the closing of replaced adapters."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._escalator(), name="handoff-escalator")
-            for dest in self._dests.values():
-                tg.create_task(self._worker(dest), name=f"handoff-worker-{dest.force}")
+            while True:
+                self._reconfigured.clear()
+                for dest in self._dests.values():
+                    if not dest.staffed:
+                        dest.staffed = True
+                        tg.create_task(self._worker(dest), name=f"handoff-worker-{dest.force}")
+                for cad in self._replaced:
+                    tg.create_task(self._close_when_idle(cad), name="handoff-adapter-close")
+                self._replaced.clear()
+                await self._reconfigured.wait()
 
     def _open(self, dest: _Destination) -> bool:
         return dest.suspended_until is None and self.cad_up(dest.force)
@@ -331,6 +475,7 @@ class HandoffDesk:
             dest.unfinished -= 1
             if not dest.unfinished:
                 dest.idle.set()
+                dest.wake.set()  # a removed force's worker may now stop
             metrics.HANDOFF_BACKLOG.labels(item.to, item.priority).dec()
 
     async def _change(self, item: _Live, status: Status, detail: str, *,
@@ -349,10 +494,12 @@ class HandoffDesk:
     # -- delivery -------------------------------------------------------------------------------
 
     async def _worker(self, dest: _Destination) -> None:
-        probe_every = self.settings.retry.hold_probe_s
         async with asyncio.TaskGroup() as tg:
             while True:
                 if not dest.queue:
+                    if dest.removed and not dest.unfinished:
+                        self._drop(dest)
+                        return
                     await dest.changed(MAX_IDLE_S)
                     continue
                 if not self._open(dest):
@@ -360,7 +507,7 @@ class HandoffDesk:
                     due = dest.suspended_until
                     if due is not None and self.clock() >= due and self.cad_up(dest.force):
                         # half-open: one handoff, one attempt; success reopens the gate
-                        dest.suspended_until = self.clock() + probe_every
+                        dest.suspended_until = self.clock() + self.settings.retry.hold_probe_s
                         await dest.slots.acquire()
                         await self._deliver(dest, dest.pop(), attempts=1)
                         continue
@@ -372,6 +519,13 @@ class HandoffDesk:
                     dest.slots.release()
                     continue
                 tg.create_task(self._deliver(dest, dest.pop()))
+
+    def _drop(self, dest: _Destination) -> None:
+        """A removed force's last handoff is finished: its destination and adapter go."""
+        del self._dests[dest.force]
+        self._replace(dest.cad)
+        log.info("%s: the last handoff held for it is finished; destination removed",
+                 dest.force)
 
     async def _hold_queued(self, dest: _Destination) -> None:
         """Say so in each waiting handoff's status: the CAD is unavailable."""
@@ -439,6 +593,11 @@ class HandoffDesk:
             release()
 
     async def _attempt(self, dest: _Destination, item: _Live, attempts: int) -> Ack | Refusal:
+        with dest.cad.lease() as adapter:  # the whole delivery on one adapter
+            return await self._attempts(dest.force, adapter, item, attempts)
+
+    async def _attempts(self, force: str, adapter: Adapter, item: _Live,
+                        attempts: int) -> Ack | Refusal:
         retry = self.settings.retry
         delivery = Delivery(item.id, item.incident)
         async for attempt in AsyncRetrying(
@@ -451,14 +610,14 @@ class HandoffDesk:
                 item.attempts += 1
                 try:
                     async with asyncio.timeout(retry.attempt_timeout_s):
-                        return await dest.adapter.deliver(delivery)
+                        return await adapter.deliver(delivery)
                 except TimeoutError as exc:
                     raise AdapterUnavailable(
                         f"no answer within {retry.attempt_timeout_s:g}s") from exc
                 except AdapterUnavailable:
                     raise
                 except Exception as exc:  # an adapter bug must not take the desk down
-                    log.exception("adapter for %s raised", dest.force)
+                    log.exception("adapter for %s raised", force)
                     raise AdapterUnavailable(f"adapter error: {exc!r}") from exc
         raise AssertionError("tenacity stops by raising")  # pragma: no cover
 
@@ -492,11 +651,12 @@ class HandoffDesk:
                     await self._deadline_wake.wait()
 
     async def _escalate(self, item: _Live) -> None:
-        if item.done or item.id not in self._live:
-            return
         now = self.clock()
+        deadline = self._deadline_s.get(item.priority)  # a reload may have changed it since
+        if (item.done or item.id not in self._live or deadline is None
+                or now < item.accepted_at + deadline):
+            return
         item.escalated = True
-        deadline = self._deadline_s[item.priority]
         before = item.status
         try:
             await self._change(item, Status.ESCALATED,
@@ -525,12 +685,15 @@ class HandoffDesk:
 # ---- assembly -------------------------------------------------------------------------------
 
 
-def build_adapters(config: RouterConfig) -> dict[str, Adapter]:
-    """One adapter per force, its options validated now (raises AdapterConfigError)."""
+def build_adapters(config: RouterConfig, forces: Iterable[str] | None = None
+                   ) -> dict[str, Adapter]:
+    """One adapter per force (or per force named), its options validated now (raises
+    AdapterConfigError naming every force at fault, one `forces.X.cad: ...` a line)."""
     spool = Path(config.handoff.spool_dir)
     built = {}
     problems = []
-    for force, spec in config.forces.items():
+    for force in config.forces if forces is None else forces:
+        spec = config.forces[force]
         try:
             built[force] = adapters.build(spec.cad.adapter, spec.cad.options,
                                           AdapterContext(force, spool))
@@ -548,11 +711,14 @@ async def open_desk(config: RouterConfig, *, alert: Alert, cad_up: CadUp,
     (normal, error or cancellation) stop the workers, then commit and close everything."""
     built = build_adapters(config)  # before any I/O: a bad option fails the start at once
     async with contextlib.AsyncExitStack() as stack:
-        for adapter in built.values():
-            stack.push_async_callback(adapter.aclose)
-        store = await stack.enter_async_context(open_store(config.handoff.store))
-        desk = HandoffDesk(config.handoff, store, built, alert=alert, cad_up=cad_up,
-                           clock=clock)
+        async with contextlib.AsyncExitStack() as until_owned:
+            for adapter in built.values():
+                until_owned.push_async_callback(adapter.aclose)
+            store = await stack.enter_async_context(open_store(config.handoff.store))
+            desk = HandoffDesk(config.handoff, store, built, alert=alert, cad_up=cad_up,
+                               clock=clock, built_from=config)
+            stack.push_async_callback(desk.aclose)  # the desk owns the adapters from here
+            until_owned.pop_all()
         await desk.resume()
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(desk.run(), name="handoff-desk")

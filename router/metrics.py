@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+from typing import TypeVar, cast
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+def child(metric: M, *labels: str) -> M:
+    """`metric.labels(*labels)`, looked up once per label set. labels() validates, locks and
+    builds a key on every call: about a tenth of a route request's CPU before this cache.
+    Label sets are bounded (forces, services, routes, statuses) and no child is ever removed."""
+    return cast(M, _child(metric, labels))
+
+
+@functools.cache
+def _child(metric: MetricWrapperBase, labels: tuple[str, ...]) -> MetricWrapperBase:
+    return metric.labels(*labels)
+
 
 STATES = ("unknown", "normal", "overloaded", "down", "draining", "recovering")
 

@@ -33,6 +33,17 @@ DECISION = {
     },
 }
 
+RELOADED = {
+    "type": "object",
+    "required": ["status", "forces", "restart_required"],
+    "properties": {
+        "status": {"type": "string", "enum": ["reloaded"]},
+        "forces": {"type": "array", "items": {"type": "string"}},
+        "restart_required": {"type": "array", "items": {"type": "string"}, "description":
+                             "changed keys that only a restart applies, e.g. handoff.store"},
+    },
+}
+
 
 def _body(model: type[BaseModel]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {
@@ -67,7 +78,7 @@ def _query(*names: str) -> list[dict[str, Any]]:
 
 @cache
 def spec() -> dict[str, Any]:
-    schemas: dict[str, Any] = {"Error": ERROR, "Decision": DECISION}
+    schemas: dict[str, Any] = {"Error": ERROR, "Decision": DECISION, "Reloaded": RELOADED}
     for model in (RouteRequest, OverrideRequest, Incident):
         schemas[model.__name__] = model.model_json_schema(
             ref_template="#/components/schemas/{model}")
@@ -114,7 +125,7 @@ def spec() -> dict[str, Any]:
             parameters=[{"name": "id", "in": "path", "required": True,
                          "schema": {"type": "string"}}])},
         "/v1/admin/reload": {"post": _op("Reload the config; an invalid one is refused",
-                                         "manager", {"200": "reloaded",
+                                         "manager", {"200": _json("Reloaded", "reloaded"),
                                                      "422": "invalid config, old one kept",
                                                      **auth})},
         "/metrics": {"get": _op("Prometheus metrics", None, {"200": "text exposition"})},

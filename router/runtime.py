@@ -6,16 +6,29 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
+from adapters.base import AdapterConfigError
 from router import metrics
 from router.auth import TokenBook
 from router.calls import CallDesk
 from router.config import ConfigError, ConfigIssue, RouterConfig, load_config
+from router.handoff import HandoffDesk
 from router.watcher import Watcher
 
 log = logging.getLogger(__name__)
+
+# Read once at start: the listening socket, the audit file, the broker connection (the MQTT
+# link and the watcher's subscription are built on it) and the handoff store.
+RESTART_ONLY = ("service.listen", "service.audit_log", "mqtt", "handoff.store")
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    config: RouterConfig
+    restart_required: list[str]  # changed settings that wait for a restart, as key paths
 
 
 @dataclass
@@ -26,10 +39,16 @@ class Runtime:
     watcher: Watcher
     tokens: TokenBook
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    desk: HandoffDesk | None = None  # set by the service once the desk is open
+    started: RouterConfig = field(init=False)  # what the RESTART_ONLY settings still are
 
-    def reload(self) -> RouterConfig:
+    def __post_init__(self) -> None:
+        self.started = self.config
+
+    def reload(self) -> Reloaded:
         """Validate the config file again and swap it in whole, or raise and keep the old one.
 
+        The desk goes first: building new CAD adapters is the last thing that can refuse.
         Nothing awaits between the swaps below, so no request sees half of each config.
         """
         if self.config_path is None:  # the demo builds its config in memory
@@ -37,6 +56,8 @@ class Runtime:
                                            "started without a config file: nothing to reload")])
         try:
             config = load_config(self.config_path)
+            if self.desk is not None:
+                self._reconfigure_desk(self.desk, config)
         except ConfigError:
             metrics.CONFIG_RELOADS.labels("refused").inc()
             raise
@@ -46,7 +67,41 @@ class Runtime:
         self.tokens.load(config.service.tokens, self.environ)
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info("config reloaded from %s: %d forces", self.config_path, len(config.forces))
-        return config
+        waiting = restart_required(self.started, config)
+        if waiting:
+            log.warning("config reloaded, but these settings only change on a restart: %s",
+                        ", ".join(waiting))
+        return Reloaded(config, waiting)
+
+    def _reconfigure_desk(self, desk: HandoffDesk, config: RouterConfig) -> None:
+        try:
+            desk.reconfigure(config)
+        except AdapterConfigError as exc:
+            issues = []
+            for line in str(exc).splitlines():  # one `forces.X.cad: message` a line
+                key, _, message = line.partition(": ")
+                issues.append(ConfigIssue(str(self.config_path), 0, key, message))
+            raise ConfigError(issues) from None
+
+
+def restart_required(running: RouterConfig, new: RouterConfig) -> list[str]:
+    """The RESTART_ONLY settings `new` changes, each by the path of a key that differs."""
+    before, after = running.model_dump(mode="json"), new.model_dump(mode="json")
+    return [key for path in RESTART_ONLY
+            for key in _differences(path, _at(before, path), _at(after, path))]
+
+
+def _at(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        data = data[part]
+    return data
+
+
+def _differences(key: str, a: Any, b: Any) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for sub in sorted(a.keys() | b.keys())
+                for k in _differences(f"{key}.{sub}", a.get(sub), b.get(sub))]
+    return [] if a == b else [key]
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

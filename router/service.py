@@ -88,9 +88,10 @@ class Service:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 desk = await stack.enter_async_context(open_desk(
-                    self.config, alert=self.publish_alert,
+                    self.runtime.config, alert=self.publish_alert,
                     cad_up=lambda force: self.watcher.snapshot.get(force).cad_up))
-                self.app[api_handoffs.HANDOFFS] = desk
+                self.app[api_handoffs.HANDOFFS] = self.runtime.desk = desk  # reloads reach it
+                stack.callback(setattr, self.runtime, "desk", None)
                 self.watcher.add_listener(self._cad_watch(desk))
                 await runner.setup()  # freezes the app: its state is complete by now
                 async with asyncio.TaskGroup() as tg:

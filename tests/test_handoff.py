@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from handoff_support import incident, make_config
+from handoff_support import Cads, inc, incident, make_config, reaches, status_of, wait_for
 
 from adapters import sim
 from adapters.sim import sim_cad
 from router import metrics
-from router.handoff import HandoffDesk, Incident, open_desk
+from router.handoff import open_desk
 
 
 @pytest.fixture(autouse=True)
@@ -24,45 +23,9 @@ def fresh_sim_cads() -> None:
     sim.reset()
 
 
-def inc(n: int, **kw: Any) -> Incident:
-    return Incident.model_validate(incident(n, **kw))
-
-
-async def wait_for(check: Callable[[], Any], within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not await _maybe(check()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
-async def _maybe(value: Any) -> Any:
-    return await value if asyncio.iscoroutine(value) else value
-
-
-async def status_of(desk: HandoffDesk, hid: str) -> str:
-    found = await desk.get(hid)
-    assert found is not None
-    return str(found["status"])
-
-
-async def reaches(desk: HandoffDesk, hid: str, status: str) -> bool:
-    return await status_of(desk, hid) == status
-
-
 def sheets_of(alert: dict[str, Any]) -> tuple[str, str]:
     return (Path(alert["sheet"]).read_text(encoding="utf-8"),
             Path(alert["csv"]).read_text(encoding="utf-8"))
-
-
-class Cads:
-    """The watcher's view of each CAD, as the service would pass it."""
-
-    def __init__(self) -> None:
-        self.up: dict[str, bool] = {}
-
-    def __call__(self, force: str) -> bool:
-        return self.up.get(force, True)
 
 
 async def test_backlog_is_delivered_p1_first_then_oldest(tmp_path: Path) -> None:
