@@ -5,6 +5,9 @@
 instances in turn, on the same sipp centres: one asks the running router per INVITE (and tells
 it every call's end), the other relays straight to the home centre. Rounds alternate so drift on
 a shared machine hits both; the best round of each is reported, with their ratio.
+
+Then the router hangs (a stand-in that takes each query and never answers): the same calls
+through Kamailio with its circuit breaker and without it, side by side.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from tests.e2e.sipkit import (
     PACKAGES,
     CallerRun,
     Centre,
+    FakeRouter,
     Proxy,
     Router,
     place_calls,
@@ -34,6 +38,7 @@ MAX_CONCURRENT = 60
 PACED_RATE = 200  # calls/s: a fixed offered load, ~1000x the Met's peak-hour 999 rate
 PACED_S = 10
 TARGET_RATIO = 0.90
+HUNG_RATE, HUNG_CALLS = 20, 200  # calls/s while the router hangs: 100x the Met's 999 peak
 
 
 async def _round(proxy: Proxy, tmp: Path, calls: int, rate: int = OFFERED_RATE) -> CallerRun:
@@ -64,13 +69,45 @@ async def _bench(calls: int, rounds: int) -> int:
                     results[mode].append(await _round(proxy, tmp, calls))
             paced = {mode: await _round(proxy, tmp, PACED_RATE * PACED_S, PACED_RATE)
                      for mode, proxy in proxies.items()}
+            hung = await _hung(forces, tmp)
         finally:
             for proxy in proxies.values():
                 await proxy.stop()
             await router.stop()
             for centre in centres.values():
                 await centre.fail()
-    return _report(results, paced, calls)
+    return _report(results, paced, calls) | _report_hung(hung)
+
+
+async def _hung(forces: Path, tmp: Path) -> dict[str, tuple[CallerRun, int]]:
+    """The calls and the router queries they made, per mode, while the router hangs."""
+    out: dict[str, tuple[CallerRun, int]] = {}
+    for mode, breaker_s in (("breaker", 5), ("no breaker", 0)):
+        fake = FakeRouter()
+        async with fake.serving() as url:
+            proxy = Proxy(forces, udp_port(), tmp / mode.replace(" ", "-"), url,
+                          breaker_s=breaker_s)
+            proxy.workdir.mkdir()
+            try:
+                await proxy.start()
+                run = await place_calls(proxy.port, proxy.workdir, origin="met", rate=HUNG_RATE,
+                                        calls=HUNG_CALLS, hold_ms=200, timeout_s=60)
+            finally:
+                await proxy.stop()
+        out[mode] = run, fake.asked
+    return out
+
+
+def _report_hung(hung: dict[str, tuple[CallerRun, int]]) -> int:
+    print(f"router hung, {HUNG_RATE} calls/s offered for {HUNG_CALLS // HUNG_RATE} s "
+          "(setup = INVITE to 200 OK):")
+    for mode, (run, asked) in hung.items():
+        setups = sorted(a.setup_s for a in run.answered) or [float("nan")]
+        print(f"  {mode:10} answered {run.successful}/{run.created}, failed {run.failed}, "
+              f"router asked {asked} times, setup p50 {statistics.median(setups) * 1e3:.0f} ms "
+              f"p99 {setups[int(0.99 * (len(setups) - 1))] * 1e3:.0f} ms")
+    breaker = hung["breaker"][0]
+    return 0 if breaker.failed == 0 and breaker.successful == breaker.created else 1
 
 
 def _rate(run: CallerRun) -> float:

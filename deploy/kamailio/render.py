@@ -42,6 +42,7 @@ class EdgeSettings:
     router_timeout_s: int = 1  # http_client in Kamailio 5.6 takes whole seconds
     relay_timeout_ms: int = 1500
     route_workers: int = 8
+    breaker_s: int = 5  # after a router failure, calls go home without asking this long; 0: off
     children: int = 4
 
     def __post_init__(self) -> None:
@@ -51,6 +52,8 @@ class EdgeSettings:
             raise ValueError(f"router: expected an http(s):// URL, got {self.router_url!r}")
         if self.router_timeout_s < 1 or self.relay_timeout_ms < 100:
             raise ValueError("timeouts: the router's is at least 1 s, a relay's at least 100 ms")
+        if self.breaker_s < 0:
+            raise ValueError(f"breaker-s: 0 (off) or more, got {self.breaker_s}")
         if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", self.token_env):
             raise ValueError(f"token-env: not an environment variable name: {self.token_env!r}")
 
@@ -82,6 +85,7 @@ def render_local(edge: EdgeSettings) -> str:
         f"#!define RELAY_TIMEOUT_MS {edge.relay_timeout_ms}",
         # substdef: it is used inside a string (async_workers_group), where defines do not reach
         f'#!substdef "!ROUTE_WORKERS!{edge.route_workers}!g"',
+        f"#!define BREAKER_S {edge.breaker_s}" if edge.breaker_s else "#!define NO_BREAKER",
         f"#!define SIP_CHILDREN {edge.children}",
     ]
     if edge.router_url is not None:
@@ -133,6 +137,9 @@ def main(argv: list[str]) -> int:
                         help="whole seconds (Kamailio 5.6 http_client); default 1")
     parser.add_argument("--relay-timeout-ms", type=int, default=1500)
     parser.add_argument("--route-workers", type=int, default=8)
+    parser.add_argument("--breaker-s", type=int, default=5,
+                        help="after the router fails, calls go home without asking this long "
+                        "(seconds; 0 turns the breaker off, a benchmark baseline)")
     parser.add_argument("--children", type=int, default=4)
     args = parser.parse_args(argv)
     try:
@@ -149,7 +156,7 @@ def main(argv: list[str]) -> int:
             listen=args.listen, router_url=None if args.static else args.router,
             token_env=token_env or "UNUSED", router_timeout_s=args.router_timeout_s,
             relay_timeout_ms=args.relay_timeout_ms, route_workers=args.route_workers,
-            children=args.children,
+            breaker_s=args.breaker_s, children=args.children,
         )
     except ValueError as exc:
         print(exc, file=sys.stderr)

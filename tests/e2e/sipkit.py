@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,7 @@ class Proxy:
     router_url: str | None  # None: the static baseline, every call home
     children: int = 4
     route_workers: int = 8
+    breaker_s: int = 5
     proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -243,6 +245,7 @@ class Proxy:
             sys.executable, str(ROOT / "deploy" / "kamailio" / "render.py"), str(self.forces),
             "--out", str(out), "--listen", f"udp:127.0.0.1:{self.port}", *mode,
             "--children", str(self.children), "--route-workers", str(self.route_workers),
+            "--breaker-s", str(self.breaker_s),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         stdout, stderr = await asyncio.wait_for(render.communicate(), 30)
         if render.returncode != 0:
@@ -257,6 +260,38 @@ class Proxy:
         self.proc = None
 
 
+@dataclass
+class FakeRouter:
+    """Answers every route query with `answer`, or, while `hung`, takes it and never replies."""
+
+    answer: str = ""
+    hung: bool = True
+    asked: int = 0
+
+    async def route(self, request: web.Request) -> web.Response:
+        self.asked += 1
+        if self.hung:
+            await asyncio.sleep(60)  # Kamailio gives up long before
+        return web.Response(text=self.answer)
+
+    async def end(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        app = web.Application()
+        app.router.add_get("/v1/route", self.route)
+        app.router.add_post("/v1/calls/{call_id}/end", self.end)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        port = tcp_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            await runner.cleanup()
+
+
 # ---- the stage-1 caller ---------------------------------------------------------------------
 
 
@@ -265,6 +300,7 @@ class Answered:
     at: float  # epoch seconds when the 200 OK arrived
     call: int
     centre: str
+    setup_s: float  # from sending the INVITE to the 200 OK
 
 
 @dataclass
@@ -310,8 +346,10 @@ async def place_calls(proxy_port: int, workdir: Path, *, origin: str, service: s
     answered = []
     if log:
         for line in (run / "answered.log").read_text().splitlines():
-            sec, usec, call, centre = line.split()
-            answered.append(Answered(float(sec) + float(usec) / 1e6, int(call), centre))
+            sec, usec, call, centre, sec0, usec0 = line.split()
+            at = float(sec) + float(usec) / 1e6
+            answered.append(Answered(at, int(call), centre,
+                                     at - float(sec0) - float(usec0) / 1e6))
     return CallerRun(created=int(final["TotalCallCreated"]),
                      successful=int(final["SuccessfulCall(C)"]),
                      failed=int(final["FailedCall(C)"]), elapsed_s=elapsed, answered=answered)

@@ -1,8 +1,8 @@
 """999 calls through a real Kamailio asking the real router, with sipp on both ends.
 
 The Met's centre fails mid-run (its SIP answering and its CAD health URL both go) and comes
-back; the caller's log says which centre answered every call. Then, with the router stopped,
-Kamailio's own fallback must still get every call answered.
+back; the caller's log says which centre answered every call. Then, with the router stopped
+or hung, Kamailio's own fallback must still get every call answered, and quickly.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from conftest import need
 from sipkit import (
     PACKAGES,
     Centre,
+    FakeRouter,
     Proxy,
     Router,
     place_calls,
@@ -35,16 +36,22 @@ NORMAL_S, OUTAGE_S, AFTER_S = 6.0, 8.0, 10.0
 SETTLE_S = 3.0  # recovery: healthy_threshold x interval, then a 2-step ramp of 1 s
 
 
+BREAKER_S = 2  # the proxy's circuit breaker, short to keep the test short
+
+
 @contextlib.asynccontextmanager
-async def edge(tmp: Path) -> AsyncIterator[tuple[dict[str, Centre], Router, Proxy]]:
+async def edge(tmp: Path, router_url: str | None = None,
+               ) -> AsyncIterator[tuple[dict[str, Centre], Router, Proxy]]:
+    """Centres, the router and Kamailio; `router_url` points Kamailio elsewhere instead."""
     centres = {f: Centre(f, udp_port(), tcp_port(), tmp) for f in ("met", "kent", "surrey")}
     forces = write_forces(tmp / "forces.yaml", centres, {"met": ["kent", "surrey"]}, tmp)
     router = Router(forces, tcp_port(), tmp)
-    proxy = Proxy(forces, udp_port(), tmp, router.url)
+    proxy = Proxy(forces, udp_port(), tmp, router_url or router.url, breaker_s=BREAKER_S)
     try:
         for centre in centres.values():
             await centre.start()
-        await router.start()
+        if router_url is None:
+            await router.start()
         await proxy.start()
         yield centres, router, proxy
     finally:
@@ -95,3 +102,32 @@ async def test_router_stopped_kamailio_falls_back_home(tmp_path: Path) -> None:
     assert run.successful == calls and run.failed == 0, run
     assert run.centres() == {"met": calls}  # home, from the proxy's own table
     assert kent.successful == 5 and kent.centres() == {"kent": 5}, kent
+    # a refused connection falls back at once, well inside the router's 1 s timeout
+    assert max(a.setup_s for a in run.answered) < 0.5, run.answered
+
+
+async def test_router_hung_breaker_sends_calls_home_then_closes(tmp_path: Path) -> None:
+    """A router that takes queries and never answers costs the calls already asking it the
+    1 s timeout; then the breaker sends calls home without asking, one call at a time probes,
+    and once the router answers again calls follow it again."""
+    need(tools_present(), "kamailio with http_client, and sipp", PACKAGES)
+    fake = FakeRouter()
+    async with fake.serving() as url, edge(tmp_path, router_url=url) as (centres, _, proxy):
+        fake.answer = f"sip:999@127.0.0.1:{centres['kent'].sip_port}"
+        started = time.time()
+        hung = await place_calls(proxy.port, tmp_path, origin="met", rate=20, calls=60,
+                                 hold_ms=200)
+        asked_while_hung = fake.asked
+        fake.hung = False
+        await asyncio.sleep(BREAKER_S + 1)
+        back = await place_calls(proxy.port, tmp_path, origin="met", rate=10, calls=10,
+                                 hold_ms=200)
+
+    assert hung.successful == 60 and hung.failed == 0, hung
+    assert hung.centres() == {"met": 60}, hung.centres()  # home, from the proxy's own table
+    # only the queries in flight when it hung (one per route worker), plus a probe or two
+    assert asked_while_hung <= 8 + 3, asked_while_hung
+    slow = [a for a in hung.answered if a.setup_s > 0.5]
+    late_slow = [a for a in slow if a.at - a.setup_s > started + 2.0]
+    assert slow and len(late_slow) <= 2, (len(slow), late_slow)  # after 2 s: probes only
+    assert back.successful == 10 and back.centres() == {"kent": 10}, back.centres()
