@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters.base import AdapterConfigError
 from router import api, api_handoffs
 from router.audit import AuditLog
 from router.auth import TOKENS, TokenBook
@@ -87,11 +88,14 @@ class Service:
                                access_log=None)
         try:
             async with contextlib.AsyncExitStack() as stack:
+                opened_with = self.runtime.config
                 desk = await stack.enter_async_context(open_desk(
-                    self.runtime.config, alert=self.publish_alert,
+                    opened_with, alert=self.publish_alert,
                     cad_up=lambda force: self.watcher.snapshot.get(force).cad_up))
                 self.app[api_handoffs.HANDOFFS] = self.runtime.desk = desk  # reloads reach it
                 stack.callback(setattr, self.runtime, "desk", None)
+                if self.runtime.config is not opened_with:  # reloaded while the desk opened
+                    self._catch_up(desk)
                 self.watcher.add_listener(self._cad_watch(desk))
                 await runner.setup()  # freezes the app: its state is complete by now
                 async with asyncio.TaskGroup() as tg:
@@ -116,6 +120,13 @@ class Service:
         finally:
             await runner.cleanup()
             self.audit.close()
+
+    def _catch_up(self, desk: HandoffDesk) -> None:
+        try:
+            desk.reconfigure(self.runtime.config)
+        except AdapterConfigError as exc:  # the rest of that reload stands; say what did not
+            log.error("a reload during start-up changed CAD adapters that cannot be built; "
+                      "handoffs keep the adapters the router started with:\n%s", exc)
 
     def _cad_watch(self, desk: HandoffDesk) -> Callable[[Snapshot], None]:
         """Tell the handoff desk when a CAD comes back, so its held backlog drains."""

@@ -4,6 +4,8 @@ restart can change is named, and an adapter that cannot be built refuses the who
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +23,14 @@ from handoff_support import (
     recording,
     wait_for,
 )
+from service_support import environ, running_service
 from service_support import make_config as service_config
-from service_support import running_service
 
 from adapters import base, sim
 from adapters.base import AdapterConfigError
 from adapters.sim import sim_cad
-from router.config import RouterConfig
+from router import service as service_module
+from router.config import RouterConfig, load_config
 from router.handoff import UnknownDestination, open_desk
 
 
@@ -193,3 +196,33 @@ async def test_reload_with_an_adapter_that_cannot_be_built_keeps_the_old_config(
         assert any("forces.met.cad" in i and "new cannot be built" in i for i in body["issues"])
         assert runtime.config is config and desk.settings is settings
     assert [a.label for a in RecordingAdapter.of("met")] == ["old"]
+
+
+async def test_a_reload_while_the_desk_opens_reaches_it_once_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGHUP can land while the store opens and handoffs resume, before the desk is
+    reachable: the desk must still end up on the reloaded config."""
+    path = service_config(tmp_path)
+    service = service_module.Service(load_config(path), path, environ())
+    real_open = service_module.open_desk
+
+    @contextlib.asynccontextmanager
+    async def open_during_a_reload(config: RouterConfig, **kw: Any) -> Any:
+        edit(path, lambda raw: raw["handoff"].update(
+            deadlines_s={"P1": 30, "P2": 300, "P3": 1800, "P4": 7200}))
+        assert service.runtime.desk is None
+        service.runtime.reload()  # what SIGHUP does
+        async with real_open(config, **kw) as desk:
+            yield desk
+
+    monkeypatch.setattr(service_module, "open_desk", open_during_a_reload)
+    stop = asyncio.Event()
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(service.run("127.0.0.1", 0, stop, ready.set_result))
+    try:
+        await asyncio.wait_for(ready, 10)
+        desk = service.runtime.desk
+        assert desk is not None and desk.settings.deadlines_s["P1"] == 30
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
