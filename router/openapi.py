@@ -116,8 +116,9 @@ def spec() -> dict[str, Any]:
                         {"202": "accepted (new)", "200": "duplicate of an accepted one",
                          "400": "invalid incident", "403": "not your force", "413": "too large",
                          **auth}, requestBody=_body(Incident)),
-            "get": _op("Handoffs by status and destination", "viewer", {"200": "list", **auth},
-                       parameters=_query("status", "to")),
+            "get": _op("Handoffs by status and destination", "viewer",
+                       {"200": "list", "400": "invalid query", **auth},
+                       parameters=_query("status", "to", "limit")),
         },
         "/v1/handoffs/{id}": {"get": _op(
             "One handoff with its history", "viewer", {"200": "handoff", "404": "unknown",

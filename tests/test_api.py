@@ -252,6 +252,9 @@ async def test_health_readiness_metrics_openapi_dashboard(api: Running) -> None:
     assert "overflow_decision_seconds_bucket" in text
     status, spec = await api.call("GET", "/openapi.json")
     assert status == 200 and "/v1/route" in spec["paths"] and "/v1/handoffs" in spec["paths"]
+    listing = spec["paths"]["/v1/handoffs"]["get"]  # schemathesis found these undocumented
+    assert "400" in listing["responses"]
+    assert {p["name"] for p in listing["parameters"]} == {"status", "to", "limit"}
     status, html = await api.call("GET", "/")
     assert status == 200 and "overflow-router" in html
 
