@@ -46,6 +46,12 @@ class AuditLog:
             log.error("audit log %s not written (%s): %s", self.path, exc, entry)
         return entry
 
+    def move(self, path: Path) -> None:
+        """Append to `path` from the next record on (a reload changed `service.audit_log`)."""
+        if path != self.path:
+            self.close()
+            self.path = path
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -3,7 +3,8 @@
 `publish` only queues (retained state and alerts must not wait on a broker that may be gone);
 `run` connects, subscribes every registered pattern, sends the queue and dispatches messages,
 and on any loss reconnects with exponential backoff and jitter (tenacity). Topics are given
-relative to the configured prefix (`state/met` → `overflow/state/met`).
+relative to the configured prefix (`state/met` → `overflow/state/met`). `reconfigure` (a config
+reload) moves the link to new broker settings by reconnecting.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ SEND_RETRY_S = 0.5
 QUEUE_LIMIT = 10_000  # while disconnected; the oldest are dropped first
 
 
+class Reconfigured(aiomqtt.MqttError):
+    """Ends a connection on purpose: the settings changed, the next one uses them."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Outgoing:
-    topic: str
+    topic: str  # relative to the prefix in force when it is sent
     payload: bytes
     qos: int
     retain: bool
@@ -46,22 +51,37 @@ class _Outgoing:
 class MqttLink:
     def __init__(self, settings: Mqtt, *, environ: Mapping[str, str] = os.environ,
                  client_id: str | None = None, backoff_max_s: float = 5.0):
-        self.settings = settings
-        self.prefix = settings.prefix
-        self._username = environ.get(settings.username_env) if settings.username_env else None
-        self._password = environ.get(settings.password_env) if settings.password_env else None
+        self._apply(settings, environ)
         self._client_id = client_id
         self._backoff_max_s = backoff_max_s
         self._handlers: list[tuple[str, Handler]] = []
         self._listeners: list[ConnectionListener] = []
         self._queue: deque[_Outgoing] = deque(maxlen=QUEUE_LIMIT)
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # set by reconfigure: reconnect with the new settings
         self._client: aiomqtt.Client | None = None
         self.connected = False
         self.connections = 0  # successful connects so far (tests and status read it)
         self.dropped = 0  # messages dropped because the queue was full while disconnected
 
+    def _apply(self, settings: Mqtt, environ: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.prefix = settings.prefix
+        self._username = environ.get(settings.username_env) if settings.username_env else None
+        self._password = environ.get(settings.password_env) if settings.password_env else None
+
     # ---- used by the rest of the router (no awaiting) -----------------------------------
+
+    def reconfigure(self, settings: Mqtt, environ: Mapping[str, str] = os.environ) -> bool:
+        """Take new broker settings (host, port, credentials, prefix); True if they differ.
+        The link reconnects with them at once; queued messages go to the new broker."""
+        before = (self.settings, self._username, self._password)
+        self._apply(settings, environ)
+        if (self.settings, self._username, self._password) == before:
+            return False
+        log.info("MQTT settings changed: moving to %s:%d", settings.host, settings.port)
+        self._changed.set()
+        return True
 
     def subscribe(self, pattern: str, handler: Handler) -> None:
         """Register before or while running; applied on every (re)connection."""
@@ -80,8 +100,7 @@ class MqttLink:
         """Queue a JSON message; sent as soon as the broker is reachable."""
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
-        self._queue.append(_Outgoing(self.prefix + topic, json.dumps(payload).encode(), qos,
-                                     retain))
+        self._queue.append(_Outgoing(topic, json.dumps(payload).encode(), qos, retain))
         self._wake.set()
 
     @property
@@ -107,6 +126,7 @@ class MqttLink:
     async def _session(self) -> None:
         """Connect and serve until the connection drops. Returns after a drop, raises when the
         connection could not be made (so only failed connects back off)."""
+        self._changed.clear()  # the settings read below are the newest
         client = aiomqtt.Client(
             self.settings.host, self.settings.port, username=self._username,
             password=self._password, identifier=self._client_id, timeout=CONNECT_TIMEOUT_S,
@@ -121,12 +141,18 @@ class MqttLink:
                 established = True
                 self._client = client
                 self._set_connected(True)
-                # The receiver runs in the group's body and the sender never raises: a dropped
-                # connection ends the body, the group cancels the sender, and the run task is
-                # never cancelled by the group (whose cancel/uncancel is unreliable on 3.11).
+                # No child task ever raises: the body raises when the connection drops or the
+                # settings change, and the group cancels the children. So the run task is never
+                # cancelled by the group (whose cancel/uncancel is unreliable on 3.11).
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._sender(client), name="mqtt-sender")
-                    await self._receiver(client)
+                    receiving = tg.create_task(self._receiving(client), name="mqtt-receiver")
+                    changed = tg.create_task(self._changed.wait(), name="mqtt-settings")
+                    await asyncio.wait({receiving, changed},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if receiving.done():
+                        raise receiving.result()
+                    raise Reconfigured("settings changed: reconnecting")
         except* (aiomqtt.MqttError, OSError) as group:
             if not established:
                 raise group.exceptions[0] from None
@@ -134,14 +160,19 @@ class MqttLink:
         finally:
             self._client = None
             self._set_connected(False)
-        log.warning("MQTT broker %s:%d lost: %s", self.settings.host, self.settings.port, lost)
+        if isinstance(lost, Reconfigured):
+            log.info("MQTT reconnecting to %s:%d", self.settings.host, self.settings.port)
+        else:
+            log.warning("MQTT broker %s:%d lost: %s", self.settings.host, self.settings.port,
+                        lost)
 
     async def _sender(self, client: aiomqtt.Client) -> None:
         while True:
             while self._queue:
                 message = self._queue[0]
                 try:
-                    await client.publish(message.topic, message.payload, qos=message.qos,
+                    await client.publish(self.prefix + message.topic, message.payload,
+                                         qos=message.qos,
                                          retain=message.retain, timeout=PUBLISH_TIMEOUT_S)
                 except aiomqtt.MqttError as exc:
                     # kept at the head of the queue; the receiver sees a real disconnect
@@ -154,6 +185,14 @@ class MqttLink:
             self._wake.clear()
             await self._wake.wait()
 
+    async def _receiving(self, client: aiomqtt.Client) -> aiomqtt.MqttError | OSError:
+        """Dispatch messages until the connection drops; return (not raise) why it did."""
+        try:
+            await self._receiver(client)
+        except (aiomqtt.MqttError, OSError) as exc:
+            return exc
+        return aiomqtt.MqttError("message stream ended")
+
     async def _receiver(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             topic = message.topic.value.removeprefix(self.prefix)
@@ -165,7 +204,6 @@ class MqttLink:
                         handler(topic, payload)
                     except Exception:  # a handler's bug must not take the link down
                         log.exception("MQTT handler for %s failed on %s", pattern, topic)
-        raise aiomqtt.MqttError("message stream ended")
 
     def _set_connected(self, up: bool) -> None:
         if up == self.connected:

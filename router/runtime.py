@@ -12,17 +12,19 @@ from aiohttp import web
 
 from adapters.base import AdapterConfigError
 from router import metrics
+from router.audit import AuditLog
 from router.auth import TokenBook
 from router.calls import CallDesk
 from router.config import ConfigError, ConfigIssue, RouterConfig, load_config
 from router.handoff import HandoffDesk
+from router.mqtt import MqttLink
 from router.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
-# Read once at start: the listening socket, the audit file, the broker connection (the MQTT
-# link and the watcher's subscription are built on it) and the handoff store.
-RESTART_ONLY = ("service.listen", "service.audit_log", "mqtt", "handoff.store")
+# Read once at start: the listening socket, whether there is an MQTT link at all, and the
+# handoff store. (Broker settings and the audit file follow a reload.)
+RESTART_ONLY = ("service.listen", "mqtt.enabled", "handoff.store")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Runtime:
     tokens: TokenBook
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     desk: HandoffDesk | None = None  # set by the service once the desk is open
+    mqtt: MqttLink | None = None
+    audit: AuditLog | None = None
     started: RouterConfig = field(init=False)  # what the RESTART_ONLY settings still are
 
     def __post_init__(self) -> None:
@@ -65,6 +69,10 @@ class Runtime:
         self.calls.reconfigure(config)
         self.watcher.reconfigure(config)
         self.tokens.load(config.service.tokens, self.environ)
+        if self.mqtt is not None:
+            self.mqtt.reconfigure(config.mqtt, self.environ)
+        if self.audit is not None:
+            self.audit.move(Path(config.service.audit_log))
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info("config reloaded from %s: %d forces", self.config_path, len(config.forces))
         waiting = restart_required(self.started, config)

@@ -71,7 +71,8 @@ class Service:
         self.watcher = Watcher(config, mqtt=self.mqtt, audit=self.audit)
         self.calls = CallDesk(config)
         self.runtime = Runtime(config, config_path, self.calls, self.watcher,
-                               TokenBook(config.service.tokens, self.environ), self.environ)
+                               TokenBook(config.service.tokens, self.environ), self.environ,
+                               mqtt=self.mqtt, audit=self.audit)
         self.app = build_app(self.runtime)
         self.port: int | None = None
         self._published: dict[str, Any] = {}
@@ -153,11 +154,16 @@ class Service:
                 log.info("freed %d calls whose end was never reported", expired)
 
     async def _publish_routing(self) -> None:
-        """Publish each origin's shares, retained, whenever they change."""
+        """Publish each origin's shares, retained, whenever they change, and all of them again
+        after each new connection (the broker may be new, or may have lost them)."""
+        connections = 0
         while True:
             await asyncio.sleep(ROUTING_PUBLISH_INTERVAL_S)
             if self.mqtt is None:
                 continue
+            if self.mqtt.connections != connections:
+                connections = self.mqtt.connections
+                self._published.clear()
             table = self.calls.routing_table(self.watcher.snapshot)
             for origin, services in table.items():
                 for service, shares in services.items():

@@ -83,6 +83,7 @@ class Watcher:
         self._lost_at: float | None = None  # when the broker went away (after a first connect)
         self._all_stale_since: float | None = None
         self._mode = EvidenceMode.PROBES_ONLY
+        self._retained: dict[str, dict[str, Any]] = {}  # force → its last state message
         if mqtt is not None:
             mqtt.subscribe(TOPIC_PATTERN, self._on_telemetry)
             mqtt.add_connection_listener(self._on_connection)
@@ -179,6 +180,7 @@ class Watcher:
             self._machines[fid] = m
             self._probes.setdefault(fid, {})
         self._alerter.config = config
+        self._retained = {f: m for f, m in self._retained.items() if f in config.forces}
         self._snapshot = Snapshot({fid: m.view for fid, m in self._machines.items()},
                                   self._snapshot.version + 1)
         for fid, f in config.forces.items():
@@ -291,6 +293,11 @@ class Watcher:
         self._broker_up = up
         if up:
             self._lost_at, self._all_stale_since = None, None
+            # a restarted broker without persistence, or a new one after a reload, has lost
+            # the retained states: partners and dashboards read them on subscribing
+            assert self._mqtt is not None
+            for force, message in self._retained.items():
+                self._mqtt.publish(f"state/{force}", message, retain=True, qos=1)
         else:
             self._lost_at = self._clock()
         self._wake.set()
@@ -356,9 +363,10 @@ class Watcher:
             metrics.FAILOVER_DETECTION_SECONDS.observe(t.detection_s)
         if self._mqtt is not None:
             since = iso(self._wall() - (self._clock() - t.at))
-            self._mqtt.publish(f"state/{t.force}", {"state": t.after.value, "since": since,
-                                                    "reason": t.reason, "source": t.source},
-                               retain=True, qos=1)
+            message = {"state": t.after.value, "since": since, "reason": t.reason,
+                       "source": t.source}
+            self._retained[t.force] = message
+            self._mqtt.publish(f"state/{t.force}", message, retain=True, qos=1)
 
     def _export(self, force: str) -> None:
         m = self._machines[force]

@@ -81,8 +81,9 @@ class Broker:
         self.proc = None
 
 
-@pytest.fixture
-def broker() -> Iterator[Broker]:
+@contextlib.contextmanager
+def private_broker() -> Iterator[Broker]:
+    """A Mosquitto of the test's own, stopped on exit; a test may hold several."""
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
                                            if Path("/usr/sbin/mosquitto").exists() else None)
     need(binary is not None, "the mosquitto binary", "Debian's mosquitto package")
@@ -96,6 +97,12 @@ def broker() -> Iterator[Broker]:
             yield b
         finally:
             b.stop()
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    with private_broker() as b:
+        yield b
 
 
 PG_DSN = os.environ.get("OVERFLOW_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -8,11 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import aiomqtt
-from conftest import Broker, free_port
+import yaml
+from conftest import Broker, free_port, private_broker
 from service_support import environ, make_config, running_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +44,69 @@ async def test_state_and_routing_are_published_retained(tmp_path: Path, broker: 
     routing = seen["overflow/routing/met/999"]
     destinations = {d["destination"] for d in routing["destinations"]}  # type: ignore[union-attr,index]
     assert destinations == {"kent", "surrey", "essex", "tvp", "herts", "city"}
+
+
+async def _retained(broker: Broker, pattern: str, count: int) -> dict[str, dict[str, Any]]:
+    """The first `count` retained messages on `pattern` a fresh subscriber gets."""
+    seen: dict[str, dict[str, Any]] = {}
+    async with aiomqtt.Client(broker.host, broker.port, timeout=5) as client:
+        await client.subscribe(pattern)
+        async with asyncio.timeout(5):
+            async for message in client.messages:
+                assert message.retain
+                seen[str(message.topic)] = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                if len(seen) == count:
+                    return seen
+    return seen
+
+
+async def test_a_reload_moves_mqtt_to_a_new_broker_and_the_audit_to_a_new_file(
+        tmp_path: Path, broker: Broker) -> None:
+    """No restart for new broker settings: the link reconnects, telemetry is read from the new
+    broker, and the retained states and routing are there for late subscribers at once."""
+    path = make_config(tmp_path, mqtt_port=broker.port)
+    with private_broker() as other:
+        async with running_service(path) as api:
+            link = api.service.mqtt
+            assert link is not None
+            for force in api.service.config.forces:
+                await api.call("PUT", f"/v1/forces/{force}/override", "manager",
+                               json={"state": "normal", "reason": "test"})
+            await api.call("PUT", "/v1/forces/met/override", "manager",
+                           json={"state": "down", "reason": "CAD crash"})
+
+            raw = yaml.safe_load(path.read_text())
+            raw["mqtt"].update(port=other.port, prefix="force-net/")
+            raw["service"]["audit_log"] = str(tmp_path / "audit-2.jsonl")
+            path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            status, body = await api.call("POST", "/v1/admin/reload", "manager")
+            assert (status, body["restart_required"]) == (200, []), body
+            for _ in range(100):
+                if link.connections >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert link.connections == 2 and link.settings.port == other.port
+
+            states = await _retained(other, "force-net/state/+", 8)
+            assert states["force-net/state/met"]["state"] == "down"
+            await asyncio.sleep(1.5)  # one routing-publisher round
+            routing = await _retained(other, "force-net/routing/met/999", 1)
+            assert routing["force-net/routing/met/999"]["destinations"]
+
+            await api.call("DELETE", "/v1/forces/kent/override", "manager")
+            async with aiomqtt.Client(other.host, other.port, timeout=5) as ops:
+                await ops.publish("force-net/centres/kent/telemetry", json.dumps(
+                    {"ts": time.time(), "telephony_up": False, "cad_up": True,
+                     "calls_waiting": 0, "handlers_available": 5, "handlers_on_duty": 40,
+                     "oldest_wait_s": 0.0}).encode())
+                for _ in range(100):
+                    _, forces = await api.call("GET", "/v1/forces", "viewer")
+                    if forces["forces"]["kent"]["state"] == "down":
+                        break
+                    await asyncio.sleep(0.05)
+            assert forces["forces"]["kent"]["state"] == "down"  # read from the new broker
+    moved = [json.loads(line) for line in (tmp_path / "audit-2.jsonl").read_text().splitlines()]
+    assert any(e["force"] == "kent" and e["kind"] == "clear" for e in moved), moved
 
 
 async def _get(session: aiohttp.ClientSession, url: str, token: str) -> tuple[int, object]:
