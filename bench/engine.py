@@ -32,9 +32,9 @@ from typing import Any
 import yaml
 
 from router.config import RouterConfig, load_config, parse_config
-from router.ledger import Ledger
-from router.model import CentreState, CentreView, Reason, Service, Snapshot
-from router.policy import Policy
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, CentreView, Reason, Service, Snapshot
+from router.engine.policy import Policy
 
 BUNDLED = Path(__file__).resolve().parent.parent / "config" / "forces.yaml"
 TARGET_RATE = 200_000

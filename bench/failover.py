@@ -39,14 +39,14 @@ from typing import Any, cast
 import aiomqtt
 import yaml
 
-from router.audit import AuditLog
 from router.config import RouterConfig
-from router.health import CentreHealth, probe_id
-from router.ledger import Ledger
-from router.model import CentreState, CentreView, Service, Snapshot
-from router.mqtt import MqttLink
-from router.policy import Policy
-from router.watcher import Watcher
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, CentreView, Service, Snapshot
+from router.engine.policy import Policy
+from router.infra.audit import AuditLog
+from router.infra.mqtt_link import MqttLink
+from router.watch.health import CentreHealth, probe_id
+from router.watch.watcher import Watcher
 
 BUNDLED = Path(__file__).resolve().parent.parent / "config" / "forces.yaml"
 ORIGIN = "met"

@@ -35,11 +35,12 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from router import api, api_handoffs
-from router.auth import TOKENS, TokenBook
 from router.config import RouterConfig, Token
-from router.handoff import HandoffDesk, Incident, build_adapters
-from router.store import MAX_BATCH, HandoffStore, open_store
+from router.handoff.desk import HandoffDesk, Incident, build_adapters
+from router.handoff.store import MAX_BATCH, HandoffStore, open_store
+from router.http import api
+from router.http import handoffs as api_handoffs
+from router.http.auth import TOKENS, TokenBook
 
 PG_DSN = os.environ.get("OVERFLOW_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parent.parent

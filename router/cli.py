@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from router.config import ConfigError, RouterConfig, load_config
-from router.ledger import Ledger
-from router.model import CentreState, CentreView, Service, Snapshot, decision_record
-from router.policy import Policy
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, CentreView, Service, Snapshot, decision_record
+from router.engine.policy import Policy
 
 EXIT_CONFIG = 2
 
@@ -93,7 +93,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from router.simulate import load_scenario, simulate
+    from router.tools.simulate import load_scenario, simulate
 
     cfg = _load(args.config)
     if cfg is None:
@@ -109,7 +109,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from router.service import serve
+    from router.http.app import serve
 
     if _load(args.config) is None:
         return EXIT_CONFIG
@@ -119,15 +119,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from router.demo import run_demo
+    from router.tools.demo import run_demo
 
     _logging("WARNING", "           %(name)s: %(message)s")  # the demo narrates; logs stay terse
     return asyncio.run(run_demo(port=args.port, duration_s=args.duration))
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from router import admin
-
+    from router.tools import admin
     try:
         if args.command == "status":
             out = asyncio.run(admin.status(args.url))

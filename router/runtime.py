@@ -11,14 +11,14 @@ from typing import Any
 from aiohttp import web
 
 from adapters.base import AdapterConfigError
-from router import metrics
-from router.audit import AuditLog
-from router.auth import TokenBook
-from router.calls import CallDesk
 from router.config import ConfigError, ConfigIssue, RouterConfig, load_config
-from router.handoff import HandoffDesk
-from router.mqtt import MqttLink
-from router.watcher import Watcher
+from router.engine.calls import CallDesk
+from router.handoff.desk import HandoffDesk
+from router.http.auth import TokenBook
+from router.infra import metrics
+from router.infra.audit import AuditLog
+from router.infra.mqtt_link import MqttLink
+from router.watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import yaml
 
 from adapters.base import Ack, AdapterConfigError, AdapterContext, AdapterOptions, Delivery
 from router.config import RouterConfig
-from router.handoff import HandoffDesk, Incident
+from router.handoff.desk import HandoffDesk, Incident
 
 ROOT = Path(__file__).resolve().parent.parent
 

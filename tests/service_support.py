@@ -14,7 +14,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from router.config import load_config
-from router.service import Service
+from router.http.app import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = {

@@ -20,7 +20,7 @@ from adapters import base
 from adapters.base import Ack, AdapterContext, AdapterUnavailable, Delivery, Refusal
 from adapters.eido import SUBPROTOCOL
 from adapters.spool import SpoolAdapter, SpoolOptions
-from router.handoff import Incident, handoff_id, open_desk
+from router.handoff.desk import Incident, handoff_id, open_desk
 
 SECRET = "s3cret-for-tests"
 

@@ -13,7 +13,7 @@ import pytest
 from handoff_support import incident, make_config
 
 from adapters import base
-from router.handoff import Incident, open_desk
+from router.handoff.desk import Incident, open_desk
 
 PKG = Path(__file__).resolve().parent / "adapter_pkg"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from router.calls import CallConflict, CallDesk
 from router.config import load_config
-from router.model import CentreState, CentreView, Service, Snapshot
+from router.engine.calls import CallConflict, CallDesk
+from router.engine.model import CentreState, CentreView, Service, Snapshot
 
 CONFIG = load_config(Path(__file__).resolve().parent.parent / "config" / "forces.yaml")
 ALL_NORMAL = Snapshot({f: CentreView(CentreState.NORMAL) for f in CONFIG.forces})

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from router.config import load_config
-from router.model import Service
+from router.engine.model import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "config" / "forces.yaml"

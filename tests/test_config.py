@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from router.config import ConfigError, load_config, parse_config
-from router.model import Service
+from router.engine.model import Service
 
 HERE = Path(__file__).parent / "configs"
 BROKEN = sorted((HERE / "broken").glob("*.yaml"))

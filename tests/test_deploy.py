@@ -13,9 +13,9 @@ import pytest
 import yaml
 from conftest import need
 
-from router import metrics
-from router.handoff import Status
-from router.model import Reason, Service
+from router.engine.model import Reason, Service
+from router.handoff.desk import Status
+from router.infra import metrics
 
 PROMETHEUS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 SELECTOR = re.compile(r"\b(overflow_[a-z_]+)(?:\{([^}]*)\})?")

@@ -14,8 +14,8 @@ from handoff_support import Cads, inc, incident, make_config, reaches, status_of
 
 from adapters import sim
 from adapters.sim import sim_cad
-from router import metrics
-from router.handoff import open_desk
+from router.handoff.desk import open_desk
+from router.infra import metrics
 
 
 @pytest.fixture(autouse=True)
@@ -185,7 +185,7 @@ async def test_unknown_adapter_or_bad_options_fail_at_start(tmp_path: Path) -> N
 def test_csv_sheet_neutralises_formulas_and_keeps_blanks() -> None:
     import time
 
-    from router.sheets import Sheet, render_csv
+    from router.handoff.sheets import Sheet, render_csv
 
     now = time.time()
     sheet = Sheet("h1", incident(1) | {"call_id": None, "summary": "=HYPERLINK(\"x\")",

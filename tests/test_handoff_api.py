@@ -15,10 +15,11 @@ from conftest import free_port
 from handoff_support import incident, make_config
 
 from adapters import sim
-from router import api, api_handoffs
-from router.auth import TOKENS, TokenBook
 from router.config import Token
-from router.handoff import open_desk
+from router.handoff.desk import open_desk
+from router.http import api
+from router.http import handoffs as api_handoffs
+from router.http.auth import TOKENS, TokenBook
 
 TOKENS_ENV = {"T_KENT": "kent-secret", "T_MET": "met-secret", "T_VIEW": "view-secret",
               "T_PHONE": "phone-secret"}

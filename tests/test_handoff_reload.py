@@ -29,9 +29,9 @@ from service_support import make_config as service_config
 from adapters import base, sim
 from adapters.base import AdapterConfigError
 from adapters.sim import sim_cad
-from router import service as service_module
 from router.config import RouterConfig, load_config
-from router.handoff import UnknownDestination, open_desk
+from router.handoff.desk import UnknownDestination, open_desk
+from router.http import app as service_module
 
 
 @pytest.fixture(autouse=True)

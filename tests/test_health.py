@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.config import RouterConfig
-from router.health import CentreHealth, Component, Override, probe_id
-from router.ledger import Ledger
-from router.model import CentreState, Service, Snapshot
-from router.policy import Policy
-from router.telemetry import Telemetry
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, Service, Snapshot
+from router.engine.policy import Policy
+from router.watch.health import CentreHealth, Component, Override, probe_id
+from router.watch.telemetry import Telemetry
 
 SIP = {"kind": "sip", "target": "127.0.0.1:5060", "component": "telephony"}
 HTTP = {"kind": "http", "target": "http://127.0.0.1:1/health", "component": "cad"}

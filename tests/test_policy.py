@@ -15,9 +15,9 @@ import pytest
 from configs.builder import config, force
 
 from router.config import RouterConfig, load_config
-from router.ledger import Ledger
-from router.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
-from router.policy import Policy
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
+from router.engine.policy import Policy
 
 BUNDLED = load_config(Path(__file__).resolve().parent.parent / "config" / "forces.yaml")
 S999, S101 = Service.EMERGENCY, Service.NON_EMERGENCY

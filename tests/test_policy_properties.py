@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.config import RouterConfig
-from router.ledger import Ledger
-from router.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
-from router.policy import Policy
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
+from router.engine.policy import Policy
 
 IDS = ("aa", "bb", "cc", "dd", "ee", "ff")
 AID_REASONS = frozenset({Reason.ORIGIN_DOWN, Reason.ORIGIN_OVERLOADED, Reason.ORIGIN_DRAINING,

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from conftest import free_port
 
-from router.probes import FailureLog, Outcome, ProbeResult, probe_http, probe_sip, probe_tcp
+from router.watch.probes import FailureLog, Outcome, ProbeResult, probe_http, probe_sip, probe_tcp
 
 TIMEOUT = 0.3
 
@@ -152,7 +152,7 @@ async def test_tcp_connect_and_refusal() -> None:
 
 def test_failures_are_logged_once_per_streak(caplog: pytest.LogCaptureFixture) -> None:
     flog = FailureLog("met sip 127.0.0.1:5060")
-    caplog.set_level(logging.INFO, logger="router.probes")
+    caplog.set_level(logging.INFO, logger="router.watch.probes")
     ok = ProbeResult(Outcome.OK, 0.001, "SIP/2.0 200 OK")
     timeout = ProbeResult(Outcome.TIMEOUT, 0.2, "no answer")
     refused = ProbeResult(Outcome.REFUSED, 0.001, "port unreachable")

@@ -16,8 +16,8 @@ import yaml
 from configs.builder import config, force
 
 from router.config import ConfigError, RouterConfig, load_config
-from router.model import CentreState, Service
-from router.simulate import HandlingTime, Report, Scenario, Timeline, load_scenario, simulate
+from router.engine.model import CentreState, Service
+from router.tools.simulate import HandlingTime, Report, Scenario, Timeline, load_scenario, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = load_config(ROOT / "config" / "forces.yaml")

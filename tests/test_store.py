@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from router.store import (
+from router.handoff.store import (
     HandoffStore,
     HistoryEntry,
     StatusChange,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from router.telemetry import (
+from router.watch.telemetry import (
     MAX_PAYLOAD_BYTES,
     TelemetryError,
     as_dict,

@@ -20,14 +20,14 @@ from conftest import Broker, free_port
 from health_support import make_config
 from test_probes import HealthServer, SipResponder, serving_health
 
-from router import metrics
-from router.audit import AuditLog, read_audit
 from router.config import RouterConfig
-from router.ledger import Ledger
-from router.model import CentreState, Reason, Service, Snapshot
-from router.mqtt import MqttLink
-from router.policy import Policy
-from router.watcher import EvidenceMode, Watcher
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, Reason, Service, Snapshot
+from router.engine.policy import Policy
+from router.infra import metrics
+from router.infra.audit import AuditLog, read_audit
+from router.infra.mqtt_link import MqttLink
+from router.watch.watcher import EvidenceMode, Watcher
 
 S = CentreState
 FAST = {"interval_s": 0.05, "timeout_s": 0.1, "jitter": 0.1, "unhealthy_threshold": 2,
@@ -184,7 +184,7 @@ async def test_probes_fail_over_and_recover_by_the_ramp(
 
 async def test_telemetry_over_a_real_broker(tmp_path: Path, broker: Broker,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="router.watcher")
+    caplog.set_level(logging.INFO, logger="router.watch.watcher")
     config = make_config(FAST, mqtt_port=broker.port)
     link = MqttLink(config.mqtt)
     audit = AuditLog(tmp_path / "audit.jsonl")

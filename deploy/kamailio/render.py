@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # run from a checkout without installing
 
 from router.config import ConfigError, RouterConfig, load_config  # noqa: E402
-from router.model import Service  # noqa: E402
+from router.engine.model import Service  # noqa: E402
 
 LISTEN = re.compile(r"^udp:[^\s:]+:\d{1,5}$")
 URL = re.compile(r"^https?://[^\s\"]+$")

@@ -25,7 +25,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from router.probes import probe_sip
+from router.watch.probes import probe_sip
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

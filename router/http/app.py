@@ -19,17 +19,18 @@ from typing import Any
 from aiohttp import web
 
 from adapters.base import AdapterConfigError
-from router import api, api_handoffs
-from router.audit import AuditLog
-from router.auth import TOKENS, TokenBook
-from router.calls import CallDesk
 from router.config import ConfigError, RouterConfig, load_config
-from router.handoff import HandoffDesk, open_desk
-from router.http_util import MAX_BODY_BYTES
-from router.model import Snapshot
-from router.mqtt import MqttLink
+from router.engine.calls import CallDesk
+from router.engine.model import Snapshot
+from router.handoff.desk import HandoffDesk, open_desk
+from router.http import api
+from router.http import handoffs as api_handoffs
+from router.http.auth import TOKENS, TokenBook
+from router.http.errors import MAX_BODY_BYTES
+from router.infra.audit import AuditLog
+from router.infra.mqtt_link import MqttLink
 from router.runtime import RUNTIME, Runtime
-from router.watcher import Watcher
+from router.watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def build_app(runtime: Runtime) -> web.Application:
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    from router.openapi import spec  # built on first use: it walks every model's schema
+    from router.http.openapi import spec  # built on first use: it walks every model's schema
 
     return web.json_response(spec())
 

@@ -18,10 +18,10 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from router.audit import iso
 from router.config import RouterConfig
-from router.model import CentreState, CentreView, Reason, Snapshot
-from router.mqtt import MqttLink
+from router.engine.model import CentreState, CentreView, Reason, Snapshot
+from router.infra.audit import iso
+from router.infra.mqtt_link import MqttLink
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from router import __version__
-from router.api import OverrideRequest, RouteRequest
-from router.handoff import Incident
+from router.handoff.desk import Incident
+from router.http.api import OverrideRequest, RouteRequest
 
 ERROR = {
     "type": "object",

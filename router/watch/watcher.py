@@ -26,15 +26,15 @@ from typing import Any
 
 import aiohttp
 
-from router import metrics
-from router.alerts import Alerter
-from router.audit import AuditLog, iso
 from router.config import Probe, RouterConfig
-from router.health import CentreHealth, Component, Override, Transition, probe_id
-from router.model import CentreState, Snapshot
-from router.mqtt import MqttLink
-from router.probes import FailureLog, ProbeResult, run_probe
-from router.telemetry import TOPIC_PATTERN, TelemetryError, as_dict, force_of, parse_telemetry
+from router.engine.model import CentreState, Snapshot
+from router.infra import metrics
+from router.infra.audit import AuditLog, iso
+from router.infra.mqtt_link import MqttLink
+from router.watch.alerts import Alerter
+from router.watch.health import CentreHealth, Component, Override, Transition, probe_id
+from router.watch.probes import FailureLog, ProbeResult, run_probe
+from router.watch.telemetry import TOPIC_PATTERN, TelemetryError, as_dict, force_of, parse_telemetry
 
 log = logging.getLogger(__name__)
 

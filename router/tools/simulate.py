@@ -24,9 +24,9 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from router.config import ConfigError, ConfigIssue, RouterConfig, Strict, YamlTree, parse_document
-from router.ledger import Ledger
-from router.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
-from router.policy import Policy
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
+from router.engine.policy import Policy
 
 NonNegFloat = Annotated[float, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]

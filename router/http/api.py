@@ -12,12 +12,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from router import metrics
-from router.auth import PRINCIPAL, require
-from router.calls import CallConflict
 from router.config import ConfigError
-from router.http_util import error_response, fail, read_json, validate
-from router.model import CentreState, Service
+from router.engine.calls import CallConflict
+from router.engine.model import CentreState, Service
+from router.http.auth import PRINCIPAL, require
+from router.http.errors import error_response, fail, read_json, validate
+from router.infra import metrics
 from router.runtime import RUNTIME, Runtime
 
 log = logging.getLogger(__name__)

@@ -51,11 +51,11 @@ from tenacity import (
 
 from adapters import base as adapters
 from adapters.base import Ack, Adapter, AdapterContext, AdapterUnavailable, Delivery, Refusal
-from router import metrics
 from router.config import FORCE_ID, Cad, Handoff, RouterConfig
-from router.model import Service
-from router.sheets import Sheet, write_sheet
-from router.store import HandoffStore, HistoryEntry, StatusChange, StoredHandoff, open_store
+from router.engine.model import Service
+from router.handoff.sheets import Sheet, write_sheet
+from router.handoff.store import HandoffStore, HistoryEntry, StatusChange, StoredHandoff, open_store
+from router.infra import metrics
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from router.config import RouterConfig
-from router.ledger import Ledger
-from router.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
+from router.engine.ledger import Ledger
+from router.engine.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
 
 _NORMAL = CentreState.NORMAL
 _UNKNOWN = CentreState.UNKNOWN

@@ -15,7 +15,7 @@ from functools import wraps
 from aiohttp import web
 
 from router.config import Token
-from router.http_util import fail
+from router.http.errors import fail
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -33,12 +33,12 @@ from aiohttp import web
 
 from adapters.sim import sim_cad
 from router.config import RouterConfig
-from router.model import Snapshot
-from router.service import Service
+from router.engine.model import Snapshot
+from router.http.app import Service
 
 log = logging.getLogger("demo")
 
-BUNDLED = Path(__file__).resolve().parent.parent / "config" / "forces.yaml"
+BUNDLED = Path(__file__).resolve().parents[2] / "config" / "forces.yaml"
 MEAN_HANDLING_S = 20.0  # compressed: real 999 calls take minutes
 UTILISATION = 0.55  # of each centre's handlers, in normal running
 SHARE_999 = 0.4

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from router.model import Decision, Service
+from router.engine.model import Decision, Service
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,9 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.auth import PRINCIPAL, Principal, require
-from router.handoff import HandoffDesk, Incident, Status, UnknownDestination
-from router.http_util import fail, read_json, validate
+from router.handoff.desk import HandoffDesk, Incident, Status, UnknownDestination
+from router.http.auth import PRINCIPAL, Principal, require
+from router.http.errors import fail, read_json, validate
 
 HANDOFFS = web.AppKey("handoffs", HandoffDesk)
 

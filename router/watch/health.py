@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from router.config import Centre, Health, OverloadLevels, Probe
-from router.model import CentreState, CentreView
-from router.telemetry import Telemetry
+from router.engine.model import CentreState, CentreView
+from router.watch.telemetry import Telemetry
 
 _DOWN = CentreState.DOWN
 _TAKES_NO_CALLS = frozenset({CentreState.DOWN, CentreState.DRAINING})

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from router import metrics
 from router.config import RouterConfig
-from router.ledger import Ledger
-from router.model import Service, Snapshot, decision_record
-from router.policy import Policy
+from router.engine.ledger import Ledger
+from router.engine.model import Service, Snapshot, decision_record
+from router.engine.policy import Policy
+from router.infra import metrics
 
 
 class CallConflict(Exception):

@@ -1,0 +1,1 @@
+"""The HTTP service: the app's assembly, its handlers, auth, errors, OpenAPI and the dashboard."""

@@ -1,0 +1,1 @@
+"""Plumbing every part shares: the MQTT link, the audit log, metrics, time and file helpers."""

@@ -1,0 +1,1 @@
+"""Tools around the service: the simulator, the demo and the admin client."""

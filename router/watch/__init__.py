@@ -1,0 +1,1 @@
+"""The watcher: probes, telemetry and declarations in, one immutable centre snapshot out."""
