@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -38,6 +38,7 @@ from adapters.base import (
     Refusal,
     Replies,
 )
+from router.infra.timefmt import iso
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ PRIORITY_NUMBER = {"P1": 1, "P2": 2, "P3": 3, "P4": 4}
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(time.time())
 
 
 def eido_document(delivery: Delivery, sender: str = "overflow-router") -> dict[str, Any]:

@@ -7,24 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 from adapters.base import Ack, AdapterContext, AdapterOptions, Delivery, Outcome
+from router.infra.files import write_atomically
 
 
 class SpoolOptions(AdapterOptions):
     directory: str | None = None  # default: {handoff.spool_dir}/outbox/{force}
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class SpoolAdapter:

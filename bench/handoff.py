@@ -36,11 +36,13 @@ import asyncpg
 from aiohttp import web
 
 from router.config import RouterConfig, Token
-from router.handoff.desk import HandoffDesk, Incident, build_adapters
+from router.handoff.cads import build_adapters
+from router.handoff.desk import HandoffDesk
+from router.handoff.incident import Incident
 from router.handoff.store import MAX_BATCH, HandoffStore, open_store
-from router.http import api
 from router.http import handoffs as api_handoffs
 from router.http.auth import TOKENS, TokenBook
+from router.http.errors import errors_middleware
 
 PG_DSN = os.environ.get("OVERFLOW_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,10 +189,10 @@ async def bench_accept_http(store_url: Callable[[], Any], tmp: Path, cad_url: st
     async with store_url() as url:
         config = _config(tmp, url, cad_url)
         async with desk_on(config, Gate(up=False)) as (desk, _):
-            app = web.Application(middlewares=[api.errors_middleware])
+            app = web.Application(middlewares=[errors_middleware])
             app[TOKENS] = TokenBook((Token(env="BENCH_KENT", role="partner:kent"),),
                                     {"BENCH_KENT": "kent"})
-            app[api_handoffs.HANDOFFS] = desk
+            app[api_handoffs.HANDOFFS] = api_handoffs.OpenDesk(desk)
             api_handoffs.add_routes(app)
             run = uuid.uuid4().hex[:6]
             bodies = iter([_incident(i, run) for i in range(n)])

@@ -8,8 +8,8 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,6 +17,7 @@ from router.config import ConfigError, RouterConfig, load_config
 from router.engine.ledger import Ledger
 from router.engine.model import CentreState, CentreView, Service, Snapshot, decision_record
 from router.engine.policy import Policy
+from router.infra.timefmt import iso
 
 EXIT_CONFIG = 2
 
@@ -83,7 +84,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         ledger.preload(fid, calls)
     policy = Policy(cfg)
     service = Service(args.service)
-    decided_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    decided_at = iso(time.time())
     for i in range(1, args.count + 1):
         call_id = f"whatif-{i}"
         decision = policy.decide(service, args.origin, snapshot, ledger, now=0.0)

@@ -1,23 +1,23 @@
-"""The running service's parts, held together so handlers and the lifecycle share one view."""
+"""The running service's parts, held together so handlers and the lifecycle share one view,
+and the reload that swaps a new config into all of them at once."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
+from typing import Any, Protocol
 
 from adapters.base import AdapterConfigError
-from router.config import ConfigError, ConfigIssue, RouterConfig, load_config
+from router.config import ConfigError, ConfigIssue, RouterConfig, Token, load_config
 from router.engine.calls import CallDesk
 from router.handoff.desk import HandoffDesk
-from router.http.auth import TokenBook
 from router.infra import metrics
 from router.infra.audit import AuditLog
 from router.infra.mqtt_link import MqttLink
+from router.watch.publisher import Publisher
 from router.watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -33,17 +33,24 @@ class Reloaded:
     restart_required: list[str]  # changed settings that wait for a restart, as key paths
 
 
+class Tokens(Protocol):
+    """The HTTP layer's token book (router.http.auth), reread on every reload."""
+
+    def load(self, tokens: tuple[Token, ...], environ: Mapping[str, str]) -> None: ...
+
+
 @dataclass
 class Runtime:
     config: RouterConfig
     config_path: Path | None
     calls: CallDesk
     watcher: Watcher
-    tokens: TokenBook
+    tokens: Tokens
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    desk: HandoffDesk | None = None  # set by the service once the desk is open
+    desk: HandoffDesk | None = None  # set while the service's desk is open
     mqtt: MqttLink | None = None
     audit: AuditLog | None = None
+    publisher: Publisher | None = None
     started: RouterConfig = field(init=False)  # what the RESTART_ONLY settings still are
 
     def __post_init__(self) -> None:
@@ -68,6 +75,8 @@ class Runtime:
         self.config = config
         self.calls.reconfigure(config)
         self.watcher.reconfigure(config)
+        if self.publisher is not None:
+            self.publisher.reconfigure(config)
         self.tokens.load(config.service.tokens, self.environ)
         if self.mqtt is not None:
             self.mqtt.reconfigure(config.mqtt, self.environ)
@@ -111,5 +120,3 @@ def _differences(key: str, a: Any, b: Any) -> list[str]:
                 for k in _differences(f"{key}.{sub}", a.get(sub), b.get(sub))]
     return [] if a == b else [key]
 
-
-RUNTIME = web.AppKey("runtime", Runtime)

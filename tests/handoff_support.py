@@ -15,7 +15,8 @@ import yaml
 
 from adapters.base import Ack, AdapterConfigError, AdapterContext, AdapterOptions, Delivery
 from router.config import RouterConfig
-from router.handoff.desk import HandoffDesk, Incident
+from router.handoff.desk import HandoffDesk
+from router.handoff.incident import Incident
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from router.config import load_config
-from router.http.app import Service
+from router.http.app import RouterApp
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = {
@@ -47,7 +47,7 @@ def environ() -> dict[str, str]:
 
 @dataclass
 class Running:
-    service: Service
+    service: RouterApp
     base: str
     session: aiohttp.ClientSession
     config_path: Path
@@ -68,9 +68,10 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def in_test_client(config_path: Path) -> AsyncIterator[Running]:
-    """The same app under aiohttp's own test server and client, without background tasks."""
+    """The same app under aiohttp's own test server and client: its parts open and close with
+    it (they are the app's cleanup contexts), but `run()` and its listening socket are not used."""
     config = load_config(config_path)
-    service = Service(config, config_path, environ())
+    service = RouterApp(config, config_path, environ())
     async with TestClient(TestServer(service.app)) as client:
         yield Running(service, str(client.make_url("")).rstrip("/"), client.session, config_path)
 
@@ -78,7 +79,7 @@ async def in_test_client(config_path: Path) -> AsyncIterator[Running]:
 @contextlib.asynccontextmanager
 async def running_service(config_path: Path) -> AsyncIterator[Running]:
     config = load_config(config_path)
-    service = Service(config, config_path, environ())
+    service = RouterApp(config, config_path, environ())
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(service.run("127.0.0.1", 0, stop, ready.set_result))

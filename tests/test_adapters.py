@@ -20,7 +20,8 @@ from adapters import base
 from adapters.base import Ack, AdapterContext, AdapterUnavailable, Delivery, Refusal
 from adapters.eido import SUBPROTOCOL
 from adapters.spool import SpoolAdapter, SpoolOptions
-from router.handoff.desk import Incident, handoff_id, open_desk
+from router.handoff.desk import open_desk
+from router.handoff.incident import Incident, handoff_id
 
 SECRET = "s3cret-for-tests"
 

@@ -13,7 +13,8 @@ import pytest
 from handoff_support import incident, make_config
 
 from adapters import base
-from router.handoff.desk import Incident, open_desk
+from router.handoff.desk import open_desk
+from router.handoff.incident import Incident
 
 PKG = Path(__file__).resolve().parent / "adapter_pkg"
 

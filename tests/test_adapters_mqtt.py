@@ -16,7 +16,7 @@ from handoff_support import incident
 
 from adapters import base
 from adapters.base import Ack, AdapterContext, AdapterUnavailable, Delivery, Refusal
-from router.handoff.desk import Incident, handoff_id
+from router.handoff.incident import Incident, handoff_id
 
 pytestmark = pytest.mark.services
 

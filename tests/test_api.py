@@ -10,6 +10,8 @@ import aiohttp
 import pytest
 from service_support import Running, in_test_client, make_config, running_service
 
+from router.engine.model import Reason, Service
+
 ROUTE = {"call_id": "c-1", "service": "999", "origin": "met"}
 
 
@@ -255,6 +257,13 @@ async def test_health_readiness_metrics_openapi_dashboard(api: Running) -> None:
     listing = spec["paths"]["/v1/handoffs"]["get"]  # schemathesis found these undocumented
     assert "400" in listing["responses"]
     assert {p["name"] for p in listing["parameters"]} == {"status", "to", "limit"}
+    schemas = spec["components"]["schemas"]
+    decision = schemas["Decision"]  # derived from DecisionRecord, so it lists every enum value
+    assert schemas[decision["properties"]["reason"]["$ref"].rpartition("/")[2]]["enum"] == \
+        [r.value for r in Reason]
+    assert schemas[decision["properties"]["service"]["$ref"].rpartition("/")[2]]["enum"] == \
+        [s.value for s in Service]
+    assert "action" in decision["properties"] and "action" not in decision["required"]
     status, html = await api.call("GET", "/")
     assert status == 200 and "overflow-router" in html
 

@@ -13,15 +13,15 @@ import pytest
 import yaml
 from conftest import need
 
-from router.engine.model import Reason, Service
-from router.handoff.desk import Status
+from router.engine.model import CentreState, Reason, Service
+from router.handoff.incident import Status
 from router.infra import metrics
 
 PROMETHEUS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 SELECTOR = re.compile(r"\b(overflow_[a-z_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 # the values a label can take, where the router fixes them
-VALUES = {"state": set(metrics.STATES), "reason": {r.value for r in Reason},
+VALUES = {"state": {s.value for s in CentreState}, "reason": {r.value for r in Reason},
           "service": {s.value for s in Service}, "status": {s.value for s in Status},
           "outcome": {"applied", "refused"}, "priority": {"P1", "P2", "P3", "P4"}}
 

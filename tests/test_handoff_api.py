@@ -17,9 +17,9 @@ from handoff_support import incident, make_config
 from adapters import sim
 from router.config import Token
 from router.handoff.desk import open_desk
-from router.http import api
 from router.http import handoffs as api_handoffs
 from router.http.auth import TOKENS, TokenBook
+from router.http.errors import errors_middleware
 
 TOKENS_ENV = {"T_KENT": "kent-secret", "T_MET": "met-secret", "T_VIEW": "view-secret",
               "T_PHONE": "phone-secret"}
@@ -49,9 +49,9 @@ async def client(tmp_path: Path) -> AsyncIterator[Api]:
     cad_up = {"met": False}
     async with open_desk(config, alert=lambda a: None,
                          cad_up=lambda f: cad_up.get(f, True)) as desk:
-        app = web.Application(middlewares=[api.errors_middleware])
+        app = web.Application(middlewares=[errors_middleware])
         app[TOKENS] = book
-        app[api_handoffs.HANDOFFS] = desk
+        app[api_handoffs.HANDOFFS] = api_handoffs.OpenDesk(desk)
         api_handoffs.add_routes(app)
         runner = web.AppRunner(app)
         await runner.setup()

@@ -30,7 +30,8 @@ from adapters import base, sim
 from adapters.base import AdapterConfigError
 from adapters.sim import sim_cad
 from router.config import RouterConfig, load_config
-from router.handoff.desk import UnknownDestination, open_desk
+from router.handoff.desk import open_desk
+from router.handoff.incident import UnknownDestination
 from router.http import app as service_module
 
 
@@ -203,7 +204,7 @@ async def test_a_reload_while_the_desk_opens_reaches_it_once_open(
     """A SIGHUP can land while the store opens and handoffs resume, before the desk is
     reachable: the desk must still end up on the reloaded config."""
     path = service_config(tmp_path)
-    service = service_module.Service(load_config(path), path, environ())
+    service = service_module.RouterApp(load_config(path), path, environ())
     real_open = service_module.open_desk
 
     @contextlib.asynccontextmanager

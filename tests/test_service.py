@@ -14,9 +14,13 @@ from typing import Any
 
 import aiohttp
 import aiomqtt
+import pytest
 import yaml
 from conftest import Broker, free_port, private_broker
 from service_support import environ, make_config, running_service
+
+from router.config import load_config
+from router.http.app import RouterApp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +57,7 @@ async def _retained(broker: Broker, pattern: str, count: int) -> dict[str, dict[
         await client.subscribe(pattern)
         async with asyncio.timeout(5):
             async for message in client.messages:
-                assert message.retain
+                assert message.retain, (str(message.topic), bytes(message.payload))
                 seen[str(message.topic)] = json.loads(bytes(message.payload))  # type: ignore[arg-type]
                 if len(seen) == count:
                     return seen
@@ -86,6 +90,10 @@ async def test_a_reload_moves_mqtt_to_a_new_broker_and_the_audit_to_a_new_file(
                     break
                 await asyncio.sleep(0.05)
             assert link.connections == 2 and link.settings.port == other.port
+            for _ in range(100):  # everything is published again on the new connection
+                if link.pending == 0:
+                    break
+                await asyncio.sleep(0.05)
 
             states = await _retained(other, "force-net/state/+", 8)
             assert states["force-net/state/met"]["state"] == "down"
@@ -107,6 +115,24 @@ async def test_a_reload_moves_mqtt_to_a_new_broker_and_the_audit_to_a_new_file(
             assert forces["forces"]["kent"]["state"] == "down"  # read from the new broker
     moved = [json.loads(line) for line in (tmp_path / "audit-2.jsonl").read_text().splitlines()]
     assert any(e["force"] == "kent" and e["kind"] == "clear" for e in moved), moved
+
+
+async def test_a_crashed_background_task_stops_the_service_and_leaves_no_task(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part that dies must not leave the router half-working: it stops, closing every part
+    it opened, and says why."""
+    path = make_config(tmp_path)
+    router_app = RouterApp(load_config(path), path, environ())
+
+    def broken(limit: int = 100) -> int:
+        raise RuntimeError("the ledger is broken")
+
+    monkeypatch.setattr(router_app.calls, "expire", broken)
+    before = asyncio.all_tasks()
+    with pytest.raises(RuntimeError, match="the ledger is broken"):
+        await asyncio.wait_for(router_app.run("127.0.0.1", 0, asyncio.Event()), 15)
+    assert router_app.runtime.desk is None
+    assert asyncio.all_tasks() == before, "a background task outlived the service"
 
 
 async def _get(session: aiohttp.ClientSession, url: str, token: str) -> tuple[int, object]:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import pytest
 from aiohttp import web
@@ -21,13 +22,16 @@ from health_support import make_config
 from test_probes import HealthServer, SipResponder, serving_health
 
 from router.config import RouterConfig
+from router.engine.calls import CallDesk
 from router.engine.ledger import Ledger
 from router.engine.model import CentreState, Reason, Service, Snapshot
 from router.engine.policy import Policy
 from router.infra import metrics
 from router.infra.audit import AuditLog, read_audit
 from router.infra.mqtt_link import MqttLink
-from router.watch.watcher import EvidenceMode, Watcher
+from router.watch.evidence import EvidenceMode
+from router.watch.publisher import Publisher
+from router.watch.watcher import Watcher
 
 S = CentreState
 FAST = {"interval_s": 0.05, "timeout_s": 0.1, "jitter": 0.1, "unhealthy_threshold": 2,
@@ -132,8 +136,10 @@ async def test_probes_fail_over_and_recover_by_the_ramp(
     policy, ledger = Policy(config), Ledger()
     snapshots: list[Snapshot] = []
     watcher.add_listener(snapshots.append)
+    publisher = Publisher(config, watcher=watcher, calls=CallDesk(config), mqtt=None)
     try:
-        async with running(watcher.run()):
+        async with aiohttp.ClientSession() as session, \
+                running(watcher.run(), publisher.run(session)):
             await wait_until(lambda: all(v.state is S.NORMAL
                                          for v in watcher.snapshot.centres.values()),
                              what="all normal")
@@ -189,6 +195,7 @@ async def test_telemetry_over_a_real_broker(tmp_path: Path, broker: Broker,
     link = MqttLink(config.mqtt)
     audit = AuditLog(tmp_path / "audit.jsonl")
     watcher = Watcher(config, mqtt=link, audit=audit)
+    Publisher(config, watcher=watcher, calls=CallDesk(config), mqtt=link)
     topic = "overflow/centres/kent/telemetry"
     levels = config.forces["kent"].centre.overload
     assert levels is not None and levels.enter.calls_waiting is not None
@@ -229,6 +236,7 @@ async def test_telemetry_over_a_real_broker(tmp_path: Path, broker: Broker,
             status = watcher.status()["kent"]
             assert status["telemetry"]["stale"] and status["telemetry"]["age_s"] > 0.8
             assert watcher.snapshot.get("kent").calls_waiting is None
+            await wait_until(lambda: link.pending == 0, what="the last state sent")
 
         async with aiomqtt.Client(broker.host, broker.port, timeout=5) as sub:
             await sub.subscribe("overflow/state/kent")
@@ -247,6 +255,7 @@ async def test_broker_killed_and_restarted_while_probes_keep_routing_right(
     link = MqttLink(config.mqtt, backoff_max_s=0.5)
     audit = AuditLog(tmp_path / "audit.jsonl")
     watcher = Watcher(config, mqtt=link, audit=audit)
+    Publisher(config, watcher=watcher, calls=CallDesk(config), mqtt=link)
     policy, ledger = Policy(config), Ledger()
     levels = config.forces["kent"].centre.overload
     assert levels is not None and levels.enter.calls_waiting is not None

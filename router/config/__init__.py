@@ -11,7 +11,9 @@ from router.config.schema import (
     Handoff,
     Health,
     Mqtt,
+    MutualAid,
     OverloadLevels,
+    Priority,
     Probe,
     RouterConfig,
     Strict,
@@ -21,6 +23,6 @@ from router.config.yamldoc import ConfigError, ConfigIssue, YamlTree, parse_docu
 
 __all__ = [
     "FORCE_ID", "Cad", "Centre", "ConfigError", "ConfigIssue", "Handoff", "Health", "Mqtt",
-    "OverloadLevels", "Probe", "RouterConfig", "Strict", "Token", "YamlTree", "load_config",
-    "parse_config", "parse_document",
+    "MutualAid", "OverloadLevels", "Priority", "Probe", "RouterConfig", "Strict", "Token",
+    "YamlTree", "load_config", "parse_config", "parse_document",
 ]

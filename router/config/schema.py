@@ -15,7 +15,7 @@ from router.engine.model import Service
 
 FORCE_ID = r"^[a-z][a-z0-9_]{1,31}$"
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
-PRIORITIES = ("P1", "P2", "P3", "P4")
+Priority = Literal["P1", "P2", "P3", "P4"]  # of an incident handoff; P1 most urgent
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
@@ -233,7 +233,7 @@ class HandoffRetry(Strict):
 class Handoff(Strict):
     store: str = "sqlite:///var/handoffs.db"
     spool_dir: str = "var/spool"
-    deadlines_s: dict[Literal["P1", "P2", "P3", "P4"], PosFloat] = {
+    deadlines_s: dict[Priority, PosFloat] = {
         "P1": 60.0,
         "P2": 300.0,
         "P3": 1800.0,

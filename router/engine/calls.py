@@ -9,14 +9,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from router.config import RouterConfig
 from router.engine.ledger import Ledger
-from router.engine.model import Service, Snapshot, decision_record
+from router.engine.model import DecisionRecord, Service, Snapshot, decision_record
 from router.engine.policy import Policy
+from router.engine.rules import HomeShare
 from router.infra import metrics
+from router.infra.timefmt import iso
 
 
 class CallConflict(Exception):
@@ -24,12 +25,14 @@ class CallConflict(Exception):
 
 
 class CallDesk:
-    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         self.policy = Policy(config)
         self.ledger = Ledger()
         self.max_call_duration_s = config.service.max_call_duration_s
         self._clock = clock
-        self._records: dict[str, dict[str, str]] = {}
+        self._wall = wall_clock
+        self._records: dict[str, DecisionRecord] = {}
         self._boot = uuid.uuid4().hex[:8]
         self._seq = 0
 
@@ -39,7 +42,7 @@ class CallDesk:
         self.max_call_duration_s = config.service.max_call_duration_s
 
     def route(self, call_id: str, service: Service, origin: str,
-              snapshot: Snapshot) -> tuple[dict[str, str], bool]:
+              snapshot: Snapshot) -> tuple[DecisionRecord, bool]:
         """Decide a call; a retry of a call in flight gets its first decision again.
 
         Returns the contract's decision record and whether it was newly decided.
@@ -57,7 +60,7 @@ class CallDesk:
         self.ledger.add(call_id, decision, now)
         self._seq += 1
         record = decision_record(decision, call_id, f"{self._boot}-{self._seq:x}",
-                                 datetime.now(UTC).isoformat(timespec="milliseconds"))
+                                 iso(self._wall()))
         self._records[call_id] = record
         metrics.child(metrics.CALLS_ROUTED, service.value, origin, decision.destination,
                       decision.reason.value).inc()
@@ -97,6 +100,13 @@ class CallDesk:
                 for service in Service
             }
         return table
+
+    def diversions(self, snapshot: Snapshot) -> dict[str, HomeShare]:
+        """Per force, what its centre keeps now and why the rest goes: the policy's own answer,
+        so alerts, the API, MQTT and the dashboard say what the policy does."""
+        now = self._clock()
+        return {origin: self.policy.home_share(origin, snapshot, self.ledger, now)
+                for origin in self.policy.config.forces}
 
     def load(self, force: str) -> dict[str, int]:
         """Calls a force carries now, and how many of them are mutual aid."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal, NotRequired
+
+from typing_extensions import TypedDict  # pydantic reads only this one before Python 3.12
 
 
 class Service(StrEnum):
@@ -23,6 +26,9 @@ class CentreState(StrEnum):
     DOWN = "down"  # cannot take calls
     DRAINING = "draining"  # declared by a manager: no new calls
     RECOVERING = "recovering"  # back after down: traffic returns in ramp steps
+
+
+ShedAction = Literal["queue", "announcement"]  # where a shed 101 goes
 
 
 class Reason(StrEnum):
@@ -51,6 +57,7 @@ class CentreView:
     cad_up: bool = True
     since: float = 0.0
     calls_waiting: int | None = None
+    declared: bool = False  # the state is a manager's declaration, not inferred from evidence
 
 
 UNKNOWN_CENTRE = CentreView()
@@ -80,7 +87,7 @@ class Decision:
     sip_uri: str
     reason: Reason
     rule: str
-    action: str | None = None  # for `shed`: "queue" or "announcement"
+    action: ShedAction | None = None  # for `shed` only
 
     @property
     def is_aid(self) -> bool:
@@ -88,20 +95,38 @@ class Decision:
         return self.destination != self.origin
 
 
+class DecisionRecord(TypedDict):
+    """Where a call goes and why, as the API answers it."""
+
+    # The OpenAPI Decision schema is derived from this; the enums are StrEnums, so JSON
+    # carries their values.
+
+    call_id: str
+    service: Service
+    origin: str
+    destination: str
+    sip_uri: str
+    reason: Reason
+    rule: str
+    decision_id: str
+    decided_at: str
+    action: NotRequired[ShedAction]  # for `shed` only
+
+
 def decision_record(decision: Decision, call_id: str, decision_id: str,
-                    decided_at: str) -> dict[str, str]:
+                    decided_at: str) -> DecisionRecord:
     """The contract's routing-decision JSON object."""
-    record = {
-        "call_id": call_id,
-        "service": decision.service.value,
-        "origin": decision.origin,
-        "destination": decision.destination,
-        "sip_uri": decision.sip_uri,
-        "reason": decision.reason.value,
-        "rule": decision.rule,
-        "decision_id": decision_id,
-        "decided_at": decided_at,
-    }
+    record = DecisionRecord(
+        call_id=call_id,
+        service=decision.service,
+        origin=decision.origin,
+        destination=decision.destination,
+        sip_uri=decision.sip_uri,
+        reason=decision.reason,
+        rule=decision.rule,
+        decision_id=decision_id,
+        decided_at=decided_at,
+    )
     if decision.action is not None:
         record["action"] = decision.action
     return record

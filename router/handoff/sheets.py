@@ -8,12 +8,13 @@ from __future__ import annotations
 import csv
 import html
 import io
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from router.infra.files import write_atomically
+from router.infra.timefmt import iso
 
 CSV_FIELDS = ("handoff_id", "incident_id", "from", "to", "priority", "service", "call_id",
               "opened_at", "accepted_at", "escalated_at", "status", "category", "summary",
@@ -39,18 +40,14 @@ class Sheet:
             "handoff_id": self.handoff_id, "incident_id": inc.get("incident_id"),
             "from": inc.get("from"), "to": inc.get("to"), "priority": inc.get("priority"),
             "service": inc.get("service"), "call_id": inc.get("call_id"),
-            "opened_at": inc.get("opened_at"), "accepted_at": _iso(self.accepted_at),
-            "escalated_at": _iso(self.escalated_at), "status": self.status,
+            "opened_at": inc.get("opened_at"), "accepted_at": iso(self.accepted_at, "seconds"),
+            "escalated_at": iso(self.escalated_at, "seconds"), "status": self.status,
             "category": inc.get("category"), "summary": inc.get("summary"),
             "lat": loc.get("lat"), "lon": loc.get("lon"), "address": loc.get("address"),
             "caller_name": caller.get("name"), "caller_phone": caller.get("phone"),
             "last_reason": self.last_reason,
         }
         return {k: "" if values[k] is None else str(values[k]) for k in CSV_FIELDS}
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 _FORMULA = ("=", "+", "-", "@")
@@ -111,22 +108,12 @@ Handoff <code>{e(sheet.handoff_id)}</code>.</p>
 """
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_sheet(spool_dir: Path, sheet: Sheet) -> tuple[Path, Path]:
     """Write `escalated/{to}/{priority}-{handoff_id}.html` and `.csv`; blocking (call it in
     a thread). Rewriting the same handoff replaces its files."""
     folder = spool_dir / "escalated" / str(sheet.incident.get("to", "unknown"))
-    folder.mkdir(parents=True, exist_ok=True)
     stem = f"{sheet.incident.get('priority', 'P4')}-{sheet.handoff_id}"
     html_path, csv_path = folder / f"{stem}.html", folder / f"{stem}.csv"
-    _write(html_path, render_html(sheet))
-    _write(csv_path, render_csv([sheet]))
+    write_atomically(html_path, render_html(sheet))
+    write_atomically(csv_path, render_csv([sheet]))
     return html_path, csv_path

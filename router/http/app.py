@@ -1,8 +1,11 @@
-"""The router service: assembles the parts and runs them, from start to a clean stop.
+"""The router application: assembles the parts and runs them, from start to a clean stop.
 
-One asyncio process: the aiohttp server, the health watcher, the MQTT link, the handoff desk and
-a few housekeeping loops, all under one TaskGroup. Shutdown stops accepting requests first,
-lets in-flight ones finish, then cancels the background tasks.
+One asyncio process. Each long-lived part is an aiohttp cleanup context, opened in order as
+the app starts and closed in reverse after it stops: the audit log, the MQTT link, the
+handoff desk, the health watcher, call expiry, the publisher (MQTT state and routing, alerts).
+So shutdown stops accepting requests, lets in-flight ones finish, cancels the background
+tasks, and only then closes the desk and the audit log that the requests and tasks were
+writing to.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from adapters.base import AdapterConfigError
@@ -23,44 +27,34 @@ from router.config import ConfigError, RouterConfig, load_config
 from router.engine.calls import CallDesk
 from router.engine.model import Snapshot
 from router.handoff.desk import HandoffDesk, open_desk
-from router.http import api
-from router.http import handoffs as api_handoffs
+from router.http import calls, dashboard, forces, handoffs, openapi, ops
 from router.http.auth import TOKENS, TokenBook
-from router.http.errors import MAX_BODY_BYTES
+from router.http.errors import MAX_BODY_BYTES, errors_middleware
+from router.http.state import RUNTIME
 from router.infra.audit import AuditLog
 from router.infra.mqtt_link import MqttLink
-from router.runtime import RUNTIME, Runtime
+from router.runtime import Runtime
+from router.watch.publisher import Publisher
 from router.watch.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).parent / "static"
 EXPIRY_INTERVAL_S = 1.0  # often, so each sweep is small
-ROUTING_PUBLISH_INTERVAL_S = 1.0
+SHUTDOWN_TIMEOUT_S = 5.0  # for requests in flight, then for each background task to end
 
 
-async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "dashboard.html")
-
-
-def build_app(runtime: Runtime) -> web.Application:
-    app = web.Application(middlewares=[api.errors_middleware], client_max_size=MAX_BODY_BYTES)
+def build_app(runtime: Runtime, tokens: TokenBook) -> web.Application:
+    """The routes and the state the handlers read; the parts are added by RouterApp."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     app[RUNTIME] = runtime
-    app[TOKENS] = runtime.tokens
-    api.add_routes(app)
-    api_handoffs.add_routes(app)
-    app.router.add_get("/openapi.json", openapi_handler)
-    app.router.add_get("/", dashboard)
+    app[TOKENS] = tokens
+    app[handoffs.HANDOFFS] = runtime  # its desk is set once open, after the app is frozen
+    for module in (calls, forces, ops, handoffs, openapi, dashboard):
+        module.add_routes(app)
     return app
 
 
-async def openapi_handler(request: web.Request) -> web.Response:
-    from router.http.openapi import spec  # built on first use: it walks every model's schema
-
-    return web.json_response(spec())
-
-
-class Service:
+class RouterApp:
     """Owns every long-lived part; `run()` serves until `stop` is set."""
 
     def __init__(self, config: RouterConfig, config_path: Path | None = None,
@@ -71,12 +65,18 @@ class Service:
         self.audit = AuditLog(Path(config.service.audit_log))
         self.watcher = Watcher(config, mqtt=self.mqtt, audit=self.audit)
         self.calls = CallDesk(config)
-        self.runtime = Runtime(config, config_path, self.calls, self.watcher,
-                               TokenBook(config.service.tokens, self.environ), self.environ,
-                               mqtt=self.mqtt, audit=self.audit)
-        self.app = build_app(self.runtime)
+        self.publisher = Publisher(config, watcher=self.watcher, calls=self.calls, mqtt=self.mqtt)
+        self.tokens = TokenBook(config.service.tokens, self.environ)
+        self.runtime = Runtime(config, config_path, self.calls, self.watcher, self.tokens,
+                               self.environ, mqtt=self.mqtt, audit=self.audit,
+                               publisher=self.publisher)
+        self.app = build_app(self.runtime, self.tokens)
+        self.app.cleanup_ctx.extend([  # opened in this order, closed in reverse
+            self._audit_log, self._mqtt_link, self._handoff_desk, self._watcher,
+            self._call_expiry, self._publisher])
         self.port: int | None = None
-        self._published: dict[str, Any] = {}
+        self._failed: BaseException | None = None  # the first background task that crashed
+        self._halt = asyncio.Event()  # set when one has: the service stops, and run() raises
 
     def publish_alert(self, alert: dict[str, Any]) -> None:
         if self.mqtt is not None:
@@ -86,42 +86,101 @@ class Service:
                   started: Callable[[int], Awaitable[None] | None] | None = None) -> None:
         # no per-request access log: a synchronous write per call is too dear at 999 rates;
         # overflow_http_requests_total counts requests instead
-        runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=5.0,
-                               access_log=None)
+        runner = web.AppRunner(self.app, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                opened_with = self.runtime.config
-                desk = await stack.enter_async_context(open_desk(
-                    opened_with, alert=self.publish_alert,
-                    cad_up=lambda force: self.watcher.snapshot.get(force).cad_up))
-                self.app[api_handoffs.HANDOFFS] = self.runtime.desk = desk  # reloads reach it
-                stack.callback(setattr, self.runtime, "desk", None)
-                if self.runtime.config is not opened_with:  # reloaded while the desk opened
-                    self._catch_up(desk)
-                self.watcher.add_listener(self._cad_watch(desk))
-                await runner.setup()  # freezes the app: its state is complete by now
-                async with asyncio.TaskGroup() as tg:
-                    tasks = [tg.create_task(self.watcher.run(), name="watcher"),
-                             tg.create_task(self._expire_calls(), name="expiry"),
-                             tg.create_task(self._publish_routing(), name="routing-publisher")]
-                    if self.mqtt is not None:
-                        tasks.append(tg.create_task(self.mqtt.run(), name="mqtt"))
-                    site = web.TCPSite(runner, host, port)
-                    await site.start()
-                    self.port = _bound_port(site)
-                    log.info("overflow-router serving on http://%s:%d/", host, self.port)
-                    if started is not None:
-                        result = started(self.port)
-                        if asyncio.iscoroutine(result):
-                            await result
-                    await stop.wait()
-                    log.info("stopping: finishing requests in flight")
-                    await runner.cleanup()  # stop accepting, finish in-flight requests
-                    for task in tasks:
-                        task.cancel()
+            await runner.setup()  # opens the parts, in order
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            self.port = _bound_port(site)
+            log.info("overflow-router serving on http://%s:%d/", host, self.port)
+            if started is not None:
+                result = started(self.port)
+                if asyncio.iscoroutine(result):
+                    await result
+            await _first_set(stop, self._halt)
+            log.info("stopping: finishing requests in flight")
         finally:
+            # stop accepting, finish in-flight requests, then close the parts in reverse
             await runner.cleanup()
-            self.audit.close()
+        if self._failed is not None:
+            raise self._failed
+
+    # ---- the parts, as cleanup contexts: set up before `yield`, torn down after ----
+
+    async def _audit_log(self, app: web.Application) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            self.audit.close()  # last: everything before it may still audit
+
+    async def _mqtt_link(self, app: web.Application) -> AsyncIterator[None]:
+        if self.mqtt is None:
+            yield
+            return
+        async with self._background(self.mqtt.run(), "mqtt"):
+            yield
+
+    async def _handoff_desk(self, app: web.Application) -> AsyncIterator[None]:
+        """Open the desk (its store, and resuming unfinished handoffs) and make it reachable
+        to handlers and reloads through runtime.desk."""
+        opened_with = self.runtime.config
+        async with open_desk(opened_with, alert=self.publish_alert,
+                             cad_up=lambda force: self.watcher.snapshot.get(force).cad_up) as desk:
+            self.runtime.desk = desk
+            if self.runtime.config is not opened_with:  # reloaded while the desk opened
+                self._catch_up(desk)
+            unsubscribe = self.watcher.add_listener(self._cad_watch(desk))
+            try:
+                yield
+            finally:
+                unsubscribe()
+                self.runtime.desk = None
+
+    async def _watcher(self, app: web.Application) -> AsyncIterator[None]:
+        async with self._background(self.watcher.run(), "watcher"):
+            yield
+
+    async def _call_expiry(self, app: web.Application) -> AsyncIterator[None]:
+        async with self._background(self._expire_calls(), "expiry"):
+            yield
+
+    async def _publisher(self, app: web.Application) -> AsyncIterator[None]:
+        """Retained states and routing on MQTT, and diversion alerts to partners."""
+        try:
+            async with aiohttp.ClientSession() as session, \
+                    self._background(self.publisher.run(session), "publisher"):
+                yield
+        finally:
+            self.publisher.close()
+
+    @contextlib.asynccontextmanager
+    async def _background(self, work: Coroutine[Any, Any, None],
+                          name: str) -> AsyncIterator[None]:
+        """Run `work` as a task while the context is open; cancel it and wait for it after.
+        A task that crashes halts the service rather than leaving it half-working."""
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._task_done)
+        try:
+            yield
+        finally:
+            task.cancel()
+            # not `await task`: that would swallow a cancellation of this cleanup itself
+            await asyncio.wait([task], timeout=SHUTDOWN_TIMEOUT_S)
+            if not task.done():
+                log.error("background task %s did not end within %.0f s of its cancellation",
+                          name, SHUTDOWN_TIMEOUT_S)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("background task %s failed; stopping", task.get_name(),
+                  exc_info=task.exception())
+        if self._failed is None:
+            self._failed = task.exception()
+        self._halt.set()
+
+    # ---- what the parts do ----
 
     def _catch_up(self, desk: HandoffDesk) -> None:
         try:
@@ -154,25 +213,14 @@ class Service:
             if expired:
                 log.info("freed %d calls whose end was never reported", expired)
 
-    async def _publish_routing(self) -> None:
-        """Publish each origin's shares, retained, whenever they change, and all of them again
-        after each new connection (the broker may be new, or may have lost them)."""
-        connections = 0
-        while True:
-            await asyncio.sleep(ROUTING_PUBLISH_INTERVAL_S)
-            if self.mqtt is None:
-                continue
-            if self.mqtt.connections != connections:
-                connections = self.mqtt.connections
-                self._published.clear()
-            table = self.calls.routing_table(self.watcher.snapshot)
-            for origin, services in table.items():
-                for service, shares in services.items():
-                    key = f"routing/{origin}/{service}"
-                    if self._published.get(key) != shares:
-                        self._published[key] = shares
-                        self.mqtt.publish(key, {"origin": origin, "service": service,
-                                                "destinations": shares}, retain=True)
+
+async def _first_set(*events: asyncio.Event) -> None:
+    """Wait until any of `events` is set."""
+    async with asyncio.TaskGroup() as tg:
+        waits = [tg.create_task(event.wait()) for event in events]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
 
 
 def _bound_port(site: web.TCPSite) -> int:
@@ -200,8 +248,8 @@ def _reload_on_hup(runtime: Runtime) -> Callable[[], None]:
 
 async def serve(config_path: Path, host: str | None, port: int | None) -> None:
     config = load_config(config_path)
-    service = Service(config, config_path)
+    router_app = RouterApp(config, config_path)
     stop = asyncio.Event()
-    install_signals(stop, _reload_on_hup(service.runtime))
+    install_signals(stop, _reload_on_hup(router_app.runtime))
     listen = config.service.listen
-    await service.run(host or listen.host, listen.port if port is None else port, stop)
+    await router_app.run(host or listen.host, listen.port if port is None else port, stop)

@@ -1,15 +1,21 @@
 """Small helpers every HTTP handler shares: JSON errors and validated bodies.
 
-Errors follow the contract: 4xx with `{"error": CODE, "message": TEXT, "field"?: NAME}`.
+Errors follow the contract: 4xx with `{"error": CODE, "message": TEXT, "field"?: NAME}`, and
+the middleware makes every error so, aiohttp's own 404/405/413 and unexpected ones alike.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, NoReturn, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+
+from router.infra import metrics
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -66,3 +72,26 @@ async def read_json(request: web.Request, model: type[M]) -> M:
     if not isinstance(data, dict):
         fail(400, "invalid", "body must be a JSON object")
     return validate(model, data)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error is contract-shaped JSON; an unexpected one is logged, never leaked."""
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":  # ours, already contract-shaped
+            response = web.Response(status=exc.status, text=exc.text,
+                                    content_type="application/json")
+        else:
+            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+                exc.status, "http_error")
+            response = error_response(exc.status, code, f"{request.method} {request.path}: "
+                                      f"{exc.reason}")
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        response = error_response(500, "internal", "internal error; see the router's log")
+    metrics.child(metrics.HTTP_REQUESTS, name, str(response.status)).inc()
+    return response

@@ -5,16 +5,34 @@ A partner's token speaks for one force: it may hand over incidents `from` that f
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Protocol
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.handoff.desk import HandoffDesk, Incident, Status, UnknownDestination
+from router.handoff.desk import HandoffDesk
+from router.handoff.incident import Incident, Status, UnknownDestination
 from router.http.auth import PRINCIPAL, Principal, require
 from router.http.errors import fail, read_json, validate
 
-HANDOFFS = web.AppKey("handoffs", HandoffDesk)
+
+class DeskHolder(Protocol):
+    """Where the handlers find the desk. The service's desk opens during start-up, once the
+    app is frozen, so the app holds the Runtime (whose `desk` is set then), not the desk."""
+
+    @property
+    def desk(self) -> HandoffDesk | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OpenDesk:
+    """A desk opened before the app starts (tests, benchmarks)."""
+
+    desk: HandoffDesk
+
+
+HANDOFFS = web.AppKey[DeskHolder]("handoffs")
 
 
 class HandoffQuery(BaseModel):
@@ -25,7 +43,7 @@ class HandoffQuery(BaseModel):
 
 
 def _desk(request: web.Request) -> HandoffDesk:
-    desk = request.app.get(HANDOFFS)
+    desk = request.app[HANDOFFS].desk
     if desk is None:
         fail(503, "unavailable", "the handoff desk is starting")
     return desk

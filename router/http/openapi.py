@@ -1,48 +1,44 @@
-"""The OpenAPI description served at /openapi.json, built from the same pydantic models that
-validate requests, so the document cannot drift from what the service accepts."""
+"""The OpenAPI description served at /openapi.json, derived from the pydantic models that
+validate requests and the typed records the handlers answer with, so it cannot drift from
+what the service accepts and says."""
 
 from __future__ import annotations
 
 from functools import cache
 from typing import Any
 
-from pydantic import BaseModel
+from aiohttp import web
+from pydantic import BaseModel, TypeAdapter
 
 from router import __version__
-from router.handoff.desk import Incident
-from router.http.api import OverrideRequest, RouteRequest
+from router.engine.model import DecisionRecord
+from router.handoff.incident import Incident
+from router.http.calls import RouteRequest
+from router.http.forces import OverrideRequest
+from router.http.ops import Reloaded
 
+REF = "#/components/schemas/{model}"
 ERROR = {
     "type": "object",
     "required": ["error", "message"],
     "properties": {"error": {"type": "string"}, "message": {"type": "string"},
                    "field": {"type": "string"}},
 }
-DECISION = {
-    "type": "object",
-    "required": ["call_id", "service", "origin", "destination", "sip_uri", "reason", "rule",
-                 "decision_id", "decided_at"],
-    "properties": {
-        **{k: {"type": "string"} for k in ("call_id", "origin", "destination", "sip_uri", "rule",
-                                           "decision_id", "decided_at")},
-        "service": {"type": "string", "enum": ["999", "101"]},
-        "reason": {"type": "string", "enum": [
-            "home", "origin_down", "origin_overloaded", "origin_draining", "origin_recovering",
-            "origin_cad_down", "last_resort", "shed"]},
-        "action": {"type": "string", "enum": ["queue", "announcement"]},
-    },
-}
 
-RELOADED = {
-    "type": "object",
-    "required": ["status", "forces", "restart_required"],
-    "properties": {
-        "status": {"type": "string", "enum": ["reloaded"]},
-        "forces": {"type": "array", "items": {"type": "string"}},
-        "restart_required": {"type": "array", "items": {"type": "string"}, "description":
-                             "changed keys that only a restart applies, e.g. handoff.store"},
-    },
-}
+
+def _schemas() -> dict[str, Any]:
+    """Each schema under its component name, with the models it refers to hoisted beside it."""
+    derived: dict[str, dict[str, Any]] = {
+        "Decision": TypeAdapter(DecisionRecord).json_schema(ref_template=REF),
+        "Reloaded": TypeAdapter(Reloaded).json_schema(ref_template=REF),
+        **{model.__name__: model.model_json_schema(ref_template=REF)
+           for model in (RouteRequest, OverrideRequest, Incident)},
+    }
+    schemas: dict[str, Any] = {"Error": ERROR}
+    for name, schema in derived.items():
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = schema
+    return schemas
 
 
 def _body(model: type[BaseModel]) -> dict[str, Any]:
@@ -78,11 +74,6 @@ def _query(*names: str) -> list[dict[str, Any]]:
 
 @cache
 def spec() -> dict[str, Any]:
-    schemas: dict[str, Any] = {"Error": ERROR, "Decision": DECISION, "Reloaded": RELOADED}
-    for model in (RouteRequest, OverrideRequest, Incident):
-        schemas[model.__name__] = model.model_json_schema(
-            ref_template="#/components/schemas/{model}")
-        schemas.update(schemas[model.__name__].pop("$defs", {}))
     auth = {"401": "missing or unknown token", "403": "role not allowed"}
     force = [{"name": "force", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths = {
@@ -140,6 +131,14 @@ def spec() -> dict[str, Any]:
         "info": {"title": "overflow-router", "version": __version__,
                  "description": "Automatic failover of 999 and 101 calls between forces."},
         "paths": paths,
-        "components": {"schemas": schemas,
+        "components": {"schemas": _schemas(),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return web.json_response(spec())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/openapi.json", openapi_handler)

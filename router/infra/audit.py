@@ -11,17 +11,14 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
+
+from router.infra.timefmt import iso
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["declaration", "clear", "expiry", "state_change"]
-
-
-def iso(wall: float) -> str:
-    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
 
 
 class AuditLog:

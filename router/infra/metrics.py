@@ -23,8 +23,6 @@ def _child(metric: MetricWrapperBase, labels: tuple[str, ...]) -> MetricWrapperB
     return metric.labels(*labels)
 
 
-STATES = ("unknown", "normal", "overloaded", "down", "draining", "recovering")
-
 CENTRE_STATE = Gauge(
     "overflow_centre_state", "1 for the centre's current state, 0 for the others",
     ["force", "state"],

@@ -23,6 +23,7 @@ import aiomqtt
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from router.config import Mqtt
+from router.infra.listeners import Listeners, Unsubscribe
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class MqttLink:
         self._client_id = client_id
         self._backoff_max_s = backoff_max_s
         self._handlers: list[tuple[str, Handler]] = []
-        self._listeners: list[ConnectionListener] = []
+        self._listeners: Listeners[bool] = Listeners()
         self._queue: deque[_Outgoing] = deque(maxlen=QUEUE_LIMIT)
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()  # set by reconfigure: reconnect with the new settings
@@ -83,17 +84,26 @@ class MqttLink:
         self._changed.set()
         return True
 
-    def subscribe(self, pattern: str, handler: Handler) -> None:
-        """Register before or while running; applied on every (re)connection."""
-        self._handlers.append((pattern, handler))
+    def subscribe(self, pattern: str, handler: Handler) -> Unsubscribe:
+        """Register before or while running; applied on every (re)connection. The returned
+        function stops the handler being called (the broker subscription ends at reconnect)."""
+        entry = (pattern, handler)
+        self._handlers.append(entry)
         if self._client is not None and self.connected:
             client = self._client
             task = asyncio.get_running_loop().create_task(
                 client.subscribe(self.prefix + pattern, timeout=PUBLISH_TIMEOUT_S))
             task.add_done_callback(_log_failure)
 
-    def add_connection_listener(self, listener: ConnectionListener) -> None:
-        self._listeners.append(listener)
+        def unsubscribe() -> None:
+            if entry in self._handlers:
+                self._handlers.remove(entry)
+
+        return unsubscribe
+
+    def add_connection_listener(self, listener: ConnectionListener) -> Unsubscribe:
+        """Told True on each connection and False on each loss."""
+        return self._listeners.add(listener)
 
     def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = False,
                 qos: int = 0) -> None:
@@ -198,7 +208,7 @@ class MqttLink:
             topic = message.topic.value.removeprefix(self.prefix)
             payload = message.payload if isinstance(message.payload, bytes) else \
                 str(message.payload or "").encode()
-            for pattern, handler in self._handlers:
+            for pattern, handler in list(self._handlers):
                 if aiomqtt.Topic(message.topic.value).matches(self.prefix + pattern):
                     try:
                         handler(topic, payload)
@@ -212,8 +222,7 @@ class MqttLink:
         if up:
             self.connections += 1
             log.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
-        for listener in self._listeners:
-            listener(up)
+        self._listeners.notify(up)
 
     def _log_retry(self, state: Any) -> None:
         if state.attempt_number == 1:  # once per outage, not once per attempt

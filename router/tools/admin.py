@@ -42,14 +42,16 @@ def format_status(forces: dict[str, Any], routing: dict[str, Any]) -> str:
     lines = []
     if forces.get("fail_static"):
         lines.append("!! evidence lost: routing on the last known-good plan")
-    lines.append(f"{'force':8} {'state':11} {'tel':4} {'cad':4} {'calls':>6} {'aid':>4}  "
+    lines.append(f"{'force':8} {'state':30} {'tel':4} {'cad':4} {'calls':>6} {'aid':>4}  "
                  f"999 now goes to")
     for fid, f in forces["forces"].items():
         shares = routing["routing"].get(fid, {}).get("999", [])
         where = ", ".join(f"{s['destination']} {round(s['share'] * 100)}%" for s in shares)
         override = f"  [declared {f['override']['state']}: {f['override']['reason']}]" \
             if f.get("override") else ""
-        lines.append(f"{fid:8} {f.get('state', '?'):11} {_yn(f.get('telephony_up')):4} "
+        # the router's own words: "diverting — CAD down" while a normal centre's calls go away
+        headline = f.get("headline") or f.get("state", "?")
+        lines.append(f"{fid:8} {headline:30} {_yn(f.get('telephony_up')):4} "
                      f"{_yn(f.get('cad_up')):4} {f['calls_in_flight']:>6} {f['aid_in_flight']:>4}"
                      f"  {where}{override}")
     return "\n".join(lines)

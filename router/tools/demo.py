@@ -34,7 +34,9 @@ from aiohttp import web
 from adapters.sim import sim_cad
 from router.config import RouterConfig
 from router.engine.model import Snapshot
-from router.http.app import Service
+from router.engine.rules import headline
+from router.http.app import RouterApp
+from router.infra.timefmt import iso
 
 log = logging.getLogger("demo")
 
@@ -175,7 +177,7 @@ async def mqtt_broker() -> AsyncIterator[int | None]:
 
 
 class Demo:
-    def __init__(self, config: RouterConfig, service: Service, sip_ports: dict[str, int],
+    def __init__(self, config: RouterConfig, service: RouterApp, sip_ports: dict[str, int],
                  tokens: dict[str, str], mqtt_port: int | None, seed: int = 2025):
         self.config = config
         self.service = service
@@ -190,7 +192,7 @@ class Demo:
         self.handoffs: collections.Counter[str] = collections.Counter()
         self.base = ""
         self._seq = 0
-        self._states: dict[str, str] = {}
+        self._states: dict[str, tuple[str, str]] = {}  # force → (state, headline)
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
@@ -273,7 +275,7 @@ class Demo:
         incident = {
             "incident_id": f"{partner.upper()}-{call_id}", "from": partner, "to": origin,
             "priority": "P1" if service == "999" else "P3", "service": service,
-            "call_id": call_id, "opened_at": _iso(time.time()),
+            "call_id": call_id, "opened_at": iso(time.time(), "seconds"),
             "location": {"lat": 51.5 + self.rng.uniform(-0.2, 0.2),
                          "lon": -0.12 + self.rng.uniform(-0.3, 0.3)},
             "category": "demo", "summary": f"{service} call for {origin} answered by {partner}",
@@ -312,20 +314,23 @@ class Demo:
                 await asyncio.sleep(1)
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
-        """Narrate every state change with where that force's 999 calls now go."""
+        """Narrate every change of a centre's state, and of what the policy does with its calls
+        (a CAD down diverts a centre that is still `normal`), with where its 999s now go."""
+        diversions = self.service.calls.diversions(snapshot)
         for fid in self.config.forces:
             view = snapshot.get(fid)
-            state = view.state.value
-            if self._states.get(fid) == state:
-                continue
+            state, label = view.state.value, headline(view.state, diversions[fid])
             before = self._states.get(fid)
-            self._states[fid] = state
+            if before == (state, label):
+                continue
+            self._states[fid] = (state, label)
             if before is None:
                 continue
+            change = f"{before[0]} → {state.upper()}" if before[0] != state else state.upper()
             table = self.service.calls.routing_table(snapshot)[fid]["999"]
             where = ", ".join(f"{s['destination']} {round(s['share'] * 100)}%" for s in table)
-            self.say(f"{fid}: {before} → {state.upper()} "
-                     f"(telephony {'up' if view.telephony_up else 'DOWN'}, "
+            self.say(f"{fid}: {change} ({label}; "
+                     f"telephony {'up' if view.telephony_up else 'DOWN'}, "
                      f"CAD {'up' if view.cad_up else 'DOWN'}); its 999 calls now go to {where}")
 
     async def _report(self) -> None:
@@ -346,12 +351,6 @@ class Demo:
 
     def _auth(self, role: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
-
-
-def _iso(ts: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 def _tokens(config: RouterConfig) -> tuple[dict[str, str], dict[str, str]]:
@@ -382,7 +381,7 @@ async def run_demo(port: int = 8080, duration_s: float | None = None) -> int:
             sim_port = sim_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             config, sip_ports = demo_config(Path(tmp), sim_port, mqtt_port)
             tokens, environ = _tokens(config)
-            service = Service(config, None, environ)
+            service = RouterApp(config, None, environ)
             demo = Demo(config, service, sip_ports, tokens, mqtt_port)
             demo_ref.append(demo)
             loop = asyncio.get_running_loop()

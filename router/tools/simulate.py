@@ -27,6 +27,7 @@ from router.config import ConfigError, ConfigIssue, RouterConfig, Strict, YamlTr
 from router.engine.ledger import Ledger
 from router.engine.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
 from router.engine.policy import Policy
+from router.engine.rules import aid_cap
 
 NonNegFloat = Annotated[float, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
@@ -279,8 +280,8 @@ def simulate(config: RouterConfig, scenario: Scenario, seed: int = 0) -> Report:
 
 def _empty_row(config: RouterConfig, force: str, service: Service) -> Row:
     aid = config.forces[force].mutual_aid
-    cap = aid.max_concurrent - (aid.reserve_999 if service is Service.NON_EMERGENCY else 0)
-    return Row(force, service.value, aid_cap=cap if service in aid.services else 0)
+    return Row(force, service.value, aid_cap=aid_cap(aid, service) if service in aid.services
+               else 0)
 
 
 def _count(rows: dict[tuple[str, Service], Row], d: Decision, ledger: Ledger,

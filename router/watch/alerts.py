@@ -1,5 +1,10 @@
 """Diversion alerts: tell partners when a force's calls start, change or stop coming to them.
 
+Whether a force is diverting, and why, is the policy's answer (router/engine/rules.py), never
+a second reading of the centre's state: an overloaded centre still under `overflow_queue`
+keeps its calls and raises no alert, and a centre whose CAD is down with `on_cad_down:
+overflow` does.
+
 NENA i3's "notify" action: a partner taking another force's calls should hear so from the
 router, not discover it from its queue. Each alert is published on `overflow/alerts` and
 POSTed to the `notify_url` of every partner named in the origin's overflow routes. Delivery
@@ -12,16 +17,17 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from router.config import RouterConfig
-from router.engine.model import CentreState, CentreView, Reason, Snapshot
-from router.infra.audit import iso
+from router.engine.model import CentreView, Snapshot
+from router.engine.rules import HomeShare
 from router.infra.mqtt_link import MqttLink
+from router.infra.timefmt import iso
 
 log = logging.getLogger(__name__)
 
@@ -31,38 +37,26 @@ MAX_PENDING = 1000
 MAX_CONCURRENT_POSTS = 8
 
 
-def diversion(view: CentreView, on_cad_down: str) -> Reason | None:
-    """Why a centre's calls go to partners now, or None while it keeps them."""
-    if view.state is CentreState.DOWN or not view.telephony_up:
-        return Reason.ORIGIN_DOWN
-    if view.state is CentreState.DRAINING:
-        return Reason.ORIGIN_DRAINING
-    if view.state is CentreState.OVERLOADED:
-        return Reason.ORIGIN_OVERLOADED
-    if view.state is CentreState.RECOVERING:
-        return Reason.ORIGIN_RECOVERING
-    if not view.cad_up and on_cad_down == "overflow":
-        return Reason.ORIGIN_CAD_DOWN
-    return None
-
-
 class Alerter:
     def __init__(self, config: RouterConfig, mqtt: MqttLink | None,
                  wall_clock: Callable[[], float] = time.time):
         self.config = config
         self._mqtt = mqtt
         self._wall = wall_clock
-        self._current: dict[str, Reason] = {}
+        self._current: dict[str, HomeShare] = {}
         self._outbox: deque[tuple[str, str, dict[str, Any]]] = deque(maxlen=MAX_PENDING)
         self._wake = asyncio.Event()
         self.sent: list[dict[str, Any]] = []  # recent alerts, newest last (for status pages)
 
-    def observe(self, snapshot: Snapshot) -> None:
-        """A snapshot listener: raise started/changed/stopped alerts. Never awaits."""
-        for origin, force in self.config.forces.items():
-            now = diversion(snapshot.get(origin), force.centre.on_cad_down)
+    def observe(self, diversions: Mapping[str, HomeShare], snapshot: Snapshot) -> None:
+        """Raise started/changed/stopped alerts from the policy's own answer. Never awaits."""
+        for origin in self.config.forces:
+            share = diversions.get(origin)
+            now = share if share is not None and share.diverting else None
             before = self._current.get(origin)
-            if now == before:
+            if (now.reason if now else None) == (before.reason if before else None):
+                if now is not None:
+                    self._current[origin] = now  # the same diversion, perhaps a new ramp step
                 continue
             event = "started" if before is None else "stopped" if now is None else "changed"
             if now is None:
@@ -71,22 +65,26 @@ class Alerter:
                 self._current[origin] = now
             self._raise(origin, event, now, before, snapshot.get(origin))
 
-    def _raise(self, origin: str, event: str, reason: Reason | None, before: Reason | None,
+    def _raise(self, origin: str, event: str, now: HomeShare | None, before: HomeShare | None,
                view: CentreView) -> None:
         force = self.config.forces[origin]
         partners = sorted({r.to for routes in force.overflow.values() for r in routes})
         alert: dict[str, Any] = {
             "type": "diversion", "event": event, "origin": origin, "state": view.state.value,
-            "reason": reason.value if reason else None,
-            "previous_reason": before.value if before else None,
+            "reason": now.reason.value if now else None,
+            "cause": now.cause.value if now and now.cause else None,
+            "share_diverted": round(1.0 - now.share, 4) if now else 0.0,
+            "previous_reason": before.reason.value if before else None,
             "partners": partners, "at": iso(self._wall()),
         }
-        log.warning("diversion %s for %s: %s", event, origin, alert["reason"] or before)
+        log.warning("diversion %s for %s: %s", event, origin,
+                    alert["reason"] or alert["previous_reason"])
         self.sent = [*self.sent[-49:], alert]
         if self._mqtt is not None:
             self._mqtt.publish("alerts", alert)
         for partner in partners:
-            url = self.config.forces[partner].notify_url
+            url = self.config.forces[partner].notify_url if partner in self.config.forces \
+                else None
             if url:
                 if len(self._outbox) == self._outbox.maxlen:
                     log.error("alert outbox full: dropping the oldest notification")

@@ -22,6 +22,7 @@ expired; evidence keeps being tracked underneath so the state is right the momen
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import KeysView
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -197,6 +198,10 @@ class CentreHealth:
     def view(self) -> CentreView:
         return self._view
 
+    @property
+    def probe_ids(self) -> KeysView[str]:
+        return self._probes.keys()
+
     def fresh_telemetry(self, now: float) -> Telemetry | None:
         if self._telemetry is None or self._telemetry_at is None:
             return None
@@ -323,6 +328,7 @@ class CentreHealth:
             cad_up=self._memory[Component.CAD] is not False,
             since=now if changed else self.since,
             calls_waiting=t.calls_waiting if t is not None else None,
+            declared=self.override is not None,
         )
         if not changed:
             return None

@@ -1,0 +1,245 @@
+"""Delivery to one destination's CAD: its backlog in priority order, at most
+`handoff.max_concurrency` deliveries in flight, each retried with exponential backoff and jitter
+(tenacity) and bounded by a timeout, behind the destination's circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from adapters.base import Ack, Adapter, AdapterUnavailable, Delivery, Refusal
+from router.config import Handoff
+from router.handoff.breaker import CadBreaker
+from router.handoff.cads import CadLease
+from router.handoff.incident import Status
+from router.handoff.live import MAX_IDLE_S, Journal, Live
+from router.infra import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Slots:
+    """Deliveries in flight to one CAD, at most `limit`. A reload may change the limit: those
+    already in flight finish, and no new one starts while `limit` or more are."""
+
+    limit: int
+    busy: int = 0
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def acquire(self) -> None:
+        while self.busy >= self.limit:
+            self.freed.clear()
+            await self.freed.wait()
+        self.busy += 1
+
+    def release(self) -> None:
+        self.busy -= 1
+        self.freed.set()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self.freed.set()
+
+
+class Courier:
+    """Delivers one destination's handoffs; `run` until its force is removed and drained.
+
+    `forget(item)` tells the desk a handoff is finished; it returns False if the desk had
+    already let it go.
+    """
+
+    def __init__(self, force: str, cad: CadLease, settings: Handoff, *, journal: Journal,
+                 cad_up: Callable[[str], bool], clock: Callable[[], float],
+                 forget: Callable[[Live], bool]) -> None:
+        self.force = force
+        self.cad = cad
+        self.journal = journal
+        self.clock = clock
+        self._forget = forget
+        self.breaker = CadBreaker(settings.retry.hold_probe_s, clock=clock,
+                                  cad_up=lambda: cad_up(force))
+        self.slots = Slots(settings.max_concurrency)
+        self.retry = settings.retry
+        self.queue: list[tuple[tuple[int, float, str], Live]] = []
+        self.wake = asyncio.Event()
+        self.unfinished = 0
+        self.idle = asyncio.Event()  # set while unfinished == 0
+        self.idle.set()
+        self.removed = False  # its force left the config: finish what it holds, take nothing new
+        self.staffed = False  # its `run` has been started
+
+    def configure(self, settings: Handoff) -> None:
+        """New retry plan and limit; deliveries in flight finish on the plan they started."""
+        self.retry = settings.retry
+        self.breaker.hold_s = settings.retry.hold_probe_s
+        self.slots.resize(settings.max_concurrency)
+        self.wake.set()
+
+    # -- the backlog ----------------------------------------------------------------------------
+
+    def take(self, item: Live) -> None:
+        """A new unfinished handoff for this destination."""
+        self.unfinished += 1
+        self.idle.clear()
+        metrics.HANDOFF_BACKLOG.labels(item.to, item.priority).inc()
+        self.push(item)
+
+    def push(self, item: Live) -> None:
+        heapq.heappush(self.queue, (item.order, item))
+        self.wake.set()
+
+    def pop(self) -> Live:
+        return heapq.heappop(self.queue)[1]
+
+    def finish(self, item: Live) -> None:
+        if self._forget(item):
+            item.finished = True
+            self.unfinished -= 1
+            if not self.unfinished:
+                self.idle.set()
+                self.wake.set()  # a removed force's worker may now stop
+            metrics.HANDOFF_BACKLOG.labels(item.to, item.priority).dec()
+
+    async def changed(self, within_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(within_s, 0.0)):
+                await self.wake.wait()
+        self.wake.clear()
+
+    # -- the worker -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                if not self.queue:
+                    if self.removed and not self.unfinished:
+                        return
+                    await self.changed(MAX_IDLE_S)
+                    continue
+                if not self.breaker.allows():
+                    await self._hold_queued()
+                    if self.breaker.probe():  # half-open: one handoff, one attempt
+                        await self.slots.acquire()
+                        await self._deliver(self.pop(), attempts=1)
+                        continue
+                    await self.changed(self.breaker.wait_s(MAX_IDLE_S))
+                    continue
+                await self.slots.acquire()
+                if not self.queue or not self.breaker.allows():
+                    self.slots.release()
+                    continue
+                tg.create_task(self._deliver(self.pop()))
+
+    async def _hold_queued(self) -> None:
+        """Say so in each waiting handoff's status: the CAD is unavailable."""
+        waiting = [item for _, item in self.queue
+                   if not item.escalated and item.status in (Status.ACCEPTED, Status.DELIVERING)]
+        if waiting:
+            await asyncio.gather(*(self.journal.record(item, Status.HELD,
+                                                       "destination CAD unavailable")
+                                   for item in waiting))
+
+    async def _deliver(self, item: Live, attempts: int | None = None) -> None:
+        """One handoff to its CAD, retried. The slot is freed as soon as the CAD has answered:
+        the bound protects the CAD, and our own commit need not hold it."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.slots.release()
+
+        try:
+            started = None
+            if not item.escalated and item.status != Status.DELIVERING:
+                # not awaited before sending: if we crash first, nothing differs (the handoff
+                # is delivered again on restart either way), and it keeps a commit off the path
+                started = self.journal.record_soon(item, Status.DELIVERING,
+                                                   f"to {self.force}'s CAD")
+            try:
+                with self.cad.lease() as adapter:  # the whole delivery on one adapter
+                    outcome = await self._attempts(adapter, item,
+                                                   attempts or self.retry.attempts)
+            except AdapterUnavailable as exc:
+                release()
+                item.reason = str(exc)
+                if self.breaker.trip():
+                    log.warning("%s's CAD unavailable (%s): holding its backlog", self.force,
+                                exc)
+                if started is not None:
+                    await started
+                if not item.escalated:
+                    await self.journal.record(item, Status.HELD, f"CAD unavailable: {exc}",
+                                              reason=item.reason)
+                self.push(item)
+                return
+            finally:
+                release()
+            if started is not None:
+                await started
+            item.done = True
+            if isinstance(outcome, Refusal):
+                await self.journal.record(item, Status.FAILED, f"refused: {outcome.reason}",
+                                          reason=outcome.reason)
+                self.finish(item)
+            else:
+                await self._delivered(item, outcome)
+            if self.breaker.close():
+                log.info("%s's CAD answers again: draining its backlog", self.force)
+                self.wake.set()
+        except Exception as exc:  # the store failed: keep the handoff, try again later
+            log.error("handoff %s: %s; will retry", item.id, exc)
+            item.done = False
+            if not item.finished:
+                self.breaker.trip()
+                self.push(item)
+        finally:
+            release()
+
+    async def _attempts(self, adapter: Adapter, item: Live, attempts: int) -> Ack | Refusal:
+        retry = self.retry
+        delivery = Delivery(item.id, item.incident)
+        async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(attempts),
+                # jitter of one initial step spreads a destination's retries apart
+                wait=wait_exponential(multiplier=retry.initial_s, max=retry.max_s)
+                + wait_random(0, retry.initial_s),
+                retry=retry_if_exception_type(AdapterUnavailable), reraise=True):
+            with attempt:
+                item.attempts += 1
+                try:
+                    async with asyncio.timeout(retry.attempt_timeout_s):
+                        return await adapter.deliver(delivery)
+                except TimeoutError as exc:
+                    raise AdapterUnavailable(
+                        f"no answer within {retry.attempt_timeout_s:g}s") from exc
+                except AdapterUnavailable:
+                    raise
+                except Exception as exc:  # an adapter bug must not take the desk down
+                    log.exception("adapter for %s raised", self.force)
+                    raise AdapterUnavailable(f"adapter error: {exc!r}") from exc
+        raise AssertionError("tenacity stops by raising")  # pragma: no cover
+
+    async def _delivered(self, item: Live, ack: Ack) -> None:
+        now = self.clock()
+        detail = "acknowledged by the CAD" + (f" as {ack.reference}" if ack.reference else "")
+        if ack.duplicate:
+            detail += " (it already had it)"
+        await self.journal.record(item, Status.DELIVERED, detail, delivered_at=now)
+        metrics.HANDOFF_DELIVERY_SECONDS.labels(self.force).observe(max(now - item.accepted_at,
+                                                                         0.0))
+        self.finish(item)

@@ -1,0 +1,94 @@
+"""The incident handoff as the contract defines it: the JSON a partner posts, the statuses a
+handoff goes through, and the id that names it everywhere (API, store, destination CAD)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any, get_args
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from router.config import FORCE_ID, Priority
+from router.engine.model import Service
+
+__all__ = ["RANK", "TERMINAL", "Caller", "Incident", "Location", "Priority", "Status",
+           "UnknownDestination", "handoff_id"]
+
+RANK: Mapping[str, int] = {p: rank for rank, p in enumerate(get_args(Priority))}  # P1 first
+ID_NAMESPACE = uuid.UUID("0d3c6f0e-6a43-5b8e-9a51-2f1f0c6f7e21")
+
+Text = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Location(_Part):
+    lat: Annotated[float, Field(ge=-90, le=90)] | None = None
+    lon: Annotated[float, Field(ge=-180, le=180)] | None = None
+    address: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> Location:
+        if (self.lat is None) != (self.lon is None):
+            raise ValueError("lat and lon go together")
+        if self.lat is None and self.address is None:
+            raise ValueError("a location needs lat and lon, or an address")
+        return self
+
+
+class Caller(_Part):
+    name: Annotated[str, Field(max_length=200)] | None = None
+    phone: Annotated[str, Field(max_length=32, pattern=r"^[0-9+() -]*$")] | None = None
+
+
+class Incident(_Part):
+    """The contract's incident handoff JSON (EIDO-inspired). `from` is a Python keyword,
+    hence the alias."""
+
+    incident_id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+    from_: Annotated[str, Field(alias="from", pattern=FORCE_ID)]
+    to: Annotated[str, Field(pattern=FORCE_ID)]
+    priority: Priority
+    service: Service
+    call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    opened_at: AwareDatetime
+    location: Location
+    category: Text
+    summary: Annotated[str, Field(min_length=1, max_length=4000)]
+    caller: Caller | None = None
+
+    @model_validator(mode="after")
+    def _elsewhere(self) -> Incident:
+        if self.from_ == self.to:
+            raise ValueError("to: a force does not hand an incident to itself")
+        return self
+
+    def contract_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Status(StrEnum):
+    ACCEPTED = "accepted"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    HELD = "held"
+    ESCALATED = "escalated"
+    FAILED = "failed"
+
+
+# Final: the store refuses any later change, and a restarted desk does not resume them.
+TERMINAL = frozenset({Status.DELIVERED, Status.FAILED})
+
+
+def handoff_id(from_force: str, incident_id: str) -> str:
+    """Deterministic, URL-safe: the same (from, incident_id) always names the same handoff,
+    which is also the idempotency key the destination CAD sees."""
+    return uuid.uuid5(ID_NAMESPACE, f"{from_force}\n{incident_id}").hex
+
+
+class UnknownDestination(ValueError):
+    pass

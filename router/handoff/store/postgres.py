@@ -1,0 +1,141 @@
+"""The outbox in PostgreSQL (`postgresql://user@host/db`), through an asyncpg pool: for a
+router pair sharing one outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from router.handoff.store.base import (
+    COLUMNS,
+    FINAL_SQL,
+    MAX_BATCH,
+    HandoffStore,
+    StatusChange,
+    StoredHandoff,
+    StoreError,
+    entry_of,
+    filters,
+    history_json,
+    new_rows,
+    row_to_handoff,
+)
+
+CONNECT_TIMEOUT_S = 10.0
+
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS handoffs (
+    id TEXT PRIMARY KEY,
+    from_force TEXT NOT NULL,
+    incident_id TEXT NOT NULL,
+    to_force TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    status TEXT NOT NULL,
+    incident JSONB NOT NULL,
+    accepted_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    escalated_at DOUBLE PRECISION,
+    delivered_at DOUBLE PRECISION,
+    history JSONB NOT NULL,
+    UNIQUE (from_force, incident_id)
+);
+CREATE INDEX IF NOT EXISTS handoffs_by_status ON handoffs (status, to_force, accepted_at);
+"""
+
+# the whole batch in one statement (one round trip); RETURNING names only the rows inserted.
+# JSON travels as text (a history is itself a list, which an array parameter would unpack).
+_PG_INSERT = (
+    f"INSERT INTO handoffs ({COLUMNS}) SELECT c1, c2, c3, c4, c5, c6, c7::jsonb, c8, c9, c10, "
+    "c11, c12, c13, c14::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+    "$5::text[], $6::text[], $7::text[], $8::float8[], $9::float8[], $10::int[], $11::text[], "
+    "$12::float8[], $13::float8[], $14::text[]) "
+    "AS t(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14) "
+    "ON CONFLICT DO NOTHING RETURNING id"
+)
+_PG_CHANGE = (
+    "UPDATE handoffs SET status = $1, updated_at = $2, attempts = GREATEST(attempts, $3), "
+    "reason = COALESCE($4, reason), escalated_at = COALESCE(escalated_at, $5), "
+    "delivered_at = COALESCE(delivered_at, $6), history = history || $7::jsonb "
+    "WHERE id = $8 AND status NOT IN (" + FINAL_SQL + ")"
+)
+
+
+async def _pg_init(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                              schema="pg_catalog")
+
+
+class PostgresStore(HandoffStore):
+    """PostgreSQL through an asyncpg pool, for a router pair sharing one outbox."""
+
+    def __init__(self, dsn: str, pool_size: int = 4, max_batch: int = MAX_BATCH):
+        super().__init__(max_batch)
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def _open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=self.pool_size, init=_pg_init,
+                timeout=CONNECT_TIMEOUT_S, command_timeout=CONNECT_TIMEOUT_S)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot open PostgreSQL store: {exc}") from exc
+        # the advisory lock serialises schema creation between routers starting together
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(7242001)")
+            await conn.execute(_PG_SCHEMA)
+
+    async def _close(self) -> None:
+        if self._pool is not None:
+            await asyncio.wait_for(self._pool.close(), CONNECT_TIMEOUT_S)
+            self._pool = None
+
+    async def _flush(self, inserts: Sequence[StoredHandoff],
+                     changes: Sequence[StatusChange]) -> tuple[set[str], set[str]]:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            created: set[str] = set()
+            if inserts:
+                rows = new_rows(inserts, set())  # ON CONFLICT cannot take one id twice
+                columns = list(zip(*[
+                    (h.id, h.from_force, h.incident_id, h.to_force, h.priority, h.status,
+                     json.dumps(h.incident), h.accepted_at, h.updated_at, h.attempts, h.reason,
+                     h.escalated_at, h.delivered_at, history_json(h.history))
+                    for h in rows], strict=True))
+                created = {r["id"] for r in await conn.fetch(_PG_INSERT, *map(list, columns))}
+            changed: set[str] = set()
+            if changes:
+                changed = {r["id"] for r in await conn.fetch(
+                    "SELECT id FROM handoffs WHERE id = ANY($1::text[])",
+                    list({c.id for c in changes}))}
+                await conn.executemany(_PG_CHANGE, [
+                    (c.status, c.at, c.attempts, c.reason, c.escalated_at, c.delivered_at,
+                     [entry_of(c).as_json()], c.id) for c in changes])
+        return created, changed
+
+    async def _select(self, where: str, params: Sequence[Any], tail: str = "") -> list[
+            StoredHandoff]:
+        assert self._pool is not None
+        rows = await self._pool.fetch(f"SELECT {COLUMNS} FROM handoffs {where} {tail}", *params)
+        return [row_to_handoff(tuple(r)) for r in rows]
+
+    async def get(self, handoff_id: str) -> StoredHandoff | None:
+        rows = await self._select("WHERE id = $1", (handoff_id,))
+        return rows[0] if rows else None
+
+    async def query(self, *, status: str | None = None, to: str | None = None,
+                    limit: int = 100) -> list[StoredHandoff]:
+        where, params = filters(status, to, "$1", "$2")
+        return await self._select(where, [*params, limit],
+                                  f"ORDER BY accepted_at LIMIT ${len(params) + 1}")
+
+    async def unfinished(self) -> list[StoredHandoff]:
+        return await self._select(f"WHERE status NOT IN ({FINAL_SQL})", (),
+                                  "ORDER BY accepted_at")

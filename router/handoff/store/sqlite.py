@@ -1,0 +1,148 @@
+"""The outbox in SQLite (`sqlite:///path/to.db`): WAL, synchronous=FULL, for a single router."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from router.handoff.store.base import (
+    COLUMNS,
+    FINAL_SQL,
+    MAX_BATCH,
+    HandoffStore,
+    StatusChange,
+    StoredHandoff,
+    entry_of,
+    filters,
+    history_json,
+    new_rows,
+    row_to_handoff,
+)
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS handoffs (
+    id TEXT PRIMARY KEY,
+    from_force TEXT NOT NULL,
+    incident_id TEXT NOT NULL,
+    to_force TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    status TEXT NOT NULL,
+    incident TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    escalated_at REAL,
+    delivered_at REAL,
+    history TEXT NOT NULL,
+    UNIQUE (from_force, incident_id)
+);
+CREATE INDEX IF NOT EXISTS handoffs_by_status ON handoffs (status, to_force, accepted_at);
+"""
+
+_SQLITE_INSERT = (
+    "INSERT OR IGNORE INTO handoffs (id, from_force, incident_id, to_force, priority, status, "
+    "incident, accepted_at, updated_at, attempts, reason, escalated_at, delivered_at, history) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_CHANGE = (
+    "UPDATE handoffs SET status = ?, updated_at = ?, attempts = MAX(attempts, ?), "
+    "reason = COALESCE(?, reason), escalated_at = COALESCE(escalated_at, ?), "
+    "delivered_at = COALESCE(delivered_at, ?), history = json_insert(history, '$[#]', json(?)) "
+    "WHERE id = ? AND status NOT IN (" + FINAL_SQL + ")"
+)
+class SqliteStore(HandoffStore):
+    """SQLite in WAL mode: one connection writes (the group-commit writer), one reads, so
+    status queries never wait behind a commit."""
+
+    def __init__(self, path: Path, max_batch: int = MAX_BATCH):
+        super().__init__(max_batch)
+        self.path = path
+        self._write: aiosqlite.Connection | None = None
+        self._read: aiosqlite.Connection | None = None
+
+    async def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write = await aiosqlite.connect(self.path, isolation_level=None)
+        # FULL: the WAL is fsynced at every commit, so a 202 survives a power cut, not just a
+        # crash of this process; group commit is what keeps that affordable.
+        await self._write.execute("PRAGMA journal_mode=WAL")
+        await self._write.execute("PRAGMA synchronous=FULL")
+        await self._write.execute("PRAGMA busy_timeout=5000")
+        await self._write.executescript(_SQLITE_SCHEMA)
+        self._read = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._read.execute("PRAGMA busy_timeout=5000")
+
+    async def _close(self) -> None:
+        for conn in (self._read, self._write):
+            if conn is not None:
+                await conn.close()
+        self._read = self._write = None
+
+    async def _flush(self, inserts: Sequence[StoredHandoff],
+                     changes: Sequence[StatusChange]) -> tuple[set[str], set[str]]:
+        assert self._write is not None
+        db = self._write
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            created: set[str] = set()
+            if inserts:
+                ids = [h.id for h in inserts]
+                marks = ",".join("?" * len(ids))
+                async with db.execute(f"SELECT id FROM handoffs WHERE id IN ({marks})",
+                                      ids) as cur:
+                    existing = {r[0] for r in await cur.fetchall()}
+                rows = new_rows(inserts, existing)
+                cur = await db.executemany(_SQLITE_INSERT, [
+                    (h.id, h.from_force, h.incident_id, h.to_force, h.priority, h.status,
+                     json.dumps(h.incident), h.accepted_at, h.updated_at, h.attempts, h.reason,
+                     h.escalated_at, h.delivered_at, history_json(h.history)) for h in rows])
+                created = {h.id for h in rows}
+                if cur.rowcount != len(rows):
+                    # the (from, incident_id) constraint ignored some: those are absent
+                    async with db.execute(f"SELECT id FROM handoffs WHERE id IN ({marks})",
+                                          ids) as cur:
+                        created = {r[0] for r in await cur.fetchall()} - existing
+            changed: set[str] = set()
+            if changes:
+                cur = await db.executemany(_SQLITE_CHANGE, [
+                    (c.status, c.at, c.attempts, c.reason, c.escalated_at, c.delivered_at,
+                     json.dumps(entry_of(c).as_json()), c.id) for c in changes])
+                changed = {c.id for c in changes}
+                if cur.rowcount != len(changes):  # some missing, or already final: which?
+                    ids = list(changed)
+                    marks = ",".join("?" * len(ids))
+                    async with db.execute(f"SELECT id FROM handoffs WHERE id IN ({marks})",
+                                          ids) as cur:
+                        changed = {r[0] for r in await cur.fetchall()}
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        return created, changed
+
+    async def _select(self, where: str, params: Sequence[Any], tail: str = "") -> list[
+            StoredHandoff]:
+        assert self._read is not None
+        sql = f"SELECT {COLUMNS} FROM handoffs {where} {tail}"
+        async with self._read.execute(sql, params) as cur:
+            return [row_to_handoff(tuple(r)) for r in await cur.fetchall()]
+
+    async def get(self, handoff_id: str) -> StoredHandoff | None:
+        rows = await self._select("WHERE id = ?", (handoff_id,))
+        return rows[0] if rows else None
+
+    async def query(self, *, status: str | None = None, to: str | None = None,
+                    limit: int = 100) -> list[StoredHandoff]:
+        where, params = filters(status, to, "?", "?")
+        return await self._select(where, [*params, limit], "ORDER BY accepted_at LIMIT ?")
+
+    async def unfinished(self) -> list[StoredHandoff]:
+        return await self._select(f"WHERE status NOT IN ({FINAL_SQL})", (),
+                                  "ORDER BY accepted_at")

@@ -1,0 +1,90 @@
+"""HTTP handlers for forces: their live state, the routing table, and managers' declarations."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from router.engine.model import CentreState, Service
+from router.engine.rules import HomeShare, diversion_json
+from router.http.auth import PRINCIPAL, require
+from router.http.errors import read_json
+from router.http.state import known_force, runtime
+from router.runtime import Runtime
+
+
+class OverrideRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    state: CentreState
+    reason: str = Field(min_length=1, max_length=500)
+    expires_in_s: Annotated[float, Field(gt=0, le=7 * 86400)] | None = None
+
+    @field_validator("state")
+    @classmethod
+    def _declarable(cls, value: CentreState) -> CentreState:
+        if value is CentreState.UNKNOWN:
+            raise ValueError("a manager declares a state; 'unknown' is only ever inferred")
+        return value
+
+
+def _force_json(rt: Runtime, fid: str, status: dict[str, Any], home: HomeShare,
+                state: CentreState) -> dict[str, Any]:
+    force = rt.config.forces[fid]
+    load = rt.calls.load(fid)
+    headroom = rt.calls.policy.rules.headroom(fid, rt.calls.ledger)
+    return {
+        "name": force.name,
+        **status,
+        **diversion_json(state, home),
+        "calls_in_flight": load["in_flight"],
+        "calls_in_flight_by_service": {s.value: load[f"in_flight_{s.value}"] for s in Service},
+        "aid_in_flight": load["aid"],
+        "capacity": {"handlers_on_duty": force.centre.handlers_on_duty,
+                     "overflow_queue": force.centre.overflow_queue,
+                     "max_queue": force.centre.max_queue},
+        "headroom": {f"aid_{s.value}": headroom[s] for s in Service},
+    }
+
+
+@require("viewer")
+async def get_forces(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    snapshot = rt.watcher.snapshot
+    status = rt.watcher.status()
+    diversions = rt.calls.diversions(snapshot)
+    forces = {fid: _force_json(rt, fid, status.get(fid, {}), diversions[fid],
+                               snapshot.get(fid).state) for fid in rt.config.forces}
+    return web.json_response({"forces": forces, "fail_static": rt.watcher.fail_static})
+
+
+@require("viewer")
+async def get_routing_table(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    return web.json_response({"routing": rt.calls.routing_table(rt.watcher.snapshot)})
+
+
+@require("manager")
+async def put_override(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    force = known_force(rt, request.match_info["force"], "force", status=404)
+    body = await read_json(request, OverrideRequest)
+    rt.watcher.override(force, body.state, body.reason, expires_in_s=body.expires_in_s,
+                        source=f"manager:{request[PRINCIPAL].env}")
+    return web.json_response({"force": force, **rt.watcher.status()[force]})
+
+
+@require("manager")
+async def delete_override(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    force = known_force(rt, request.match_info["force"], "force", status=404)
+    cleared = rt.watcher.clear_override(force, source=f"manager:{request[PRINCIPAL].env}")
+    return web.json_response({"force": force, "cleared": cleared, **rt.watcher.status()[force]})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/forces", get_forces)
+    app.router.add_get("/v1/routing-table", get_routing_table)
+    app.router.add_put("/v1/forces/{force}/override", put_override)
+    app.router.add_delete("/v1/forces/{force}/override", delete_override)
