@@ -252,6 +252,9 @@ async def test_health_readiness_metrics_openapi_dashboard(api: Running) -> None:
               '{destination="met",origin="met",reason="home",service="999"}')
     assert routed in text
     assert "overflow_decision_seconds_bucket" in text
+    assert 'overflow_centre_state{force="met",state="normal"} 1.0' in text
+    assert 'overflow_centre_state{force="met",state="unknown"} 0.0' in text
+    assert 'overflow_state_changes_total{force="met",source="manager",to="normal"}' in text
     status, spec = await api.call("GET", "/openapi.json")
     assert status == 200 and "/v1/route" in spec["paths"] and "/v1/handoffs" in spec["paths"]
     listing = spec["paths"]["/v1/handoffs"]["get"]  # schemathesis found these undocumented

@@ -34,6 +34,7 @@ from router.http.state import RUNTIME
 from router.infra.audit import AuditLog
 from router.infra.mqtt_link import MqttLink
 from router.runtime import Runtime
+from router.watch.exporter import StateMetrics
 from router.watch.publisher import Publisher
 from router.watch.watcher import Watcher
 
@@ -66,6 +67,7 @@ class RouterApp:
         self.watcher = Watcher(config, mqtt=self.mqtt, audit=self.audit)
         self.calls = CallDesk(config)
         self.publisher = Publisher(config, watcher=self.watcher, calls=self.calls, mqtt=self.mqtt)
+        self.state_metrics = StateMetrics(self.watcher)
         self.tokens = TokenBook(config.service.tokens, self.environ)
         self.runtime = Runtime(config, config_path, self.calls, self.watcher, self.tokens,
                                self.environ, mqtt=self.mqtt, audit=self.audit,

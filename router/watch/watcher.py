@@ -3,10 +3,10 @@
 Every centre's probes (router/watch/prober.py), the telemetry subscription and managers'
 declarations feed that centre's `CentreHealth` machine. After each change the watcher builds a
 new `Snapshot` and swaps it in with one assignment, so a routing decision reads either the old
-state or the new, never half of each. Each state change is audited, logged and counted here;
-listeners hear of new snapshots and of transitions (the publisher, the handoff desk) and are
-given the function that unsubscribes them. How far evidence can be trusted (live, fail static,
-probes only) is router/watch/evidence.py's job.
+state or the new, never half of each. Each state change is audited and logged here; listeners
+hear of new snapshots and of transitions (the publisher, Prometheus' exporter, the handoff
+desk) and are given the function that unsubscribes them. How far evidence can be trusted
+(live, fail static, probes only) is router/watch/evidence.py's job.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from router.watch.telemetry import TOPIC_PATTERN, TelemetryError, force_of, pars
 log = logging.getLogger(__name__)
 
 MAX_IDLE_S = 1.0  # housekeeping runs at least this often even with no deadline due
-STATES = tuple(s.value for s in CentreState)
 
 
 class Watcher:
@@ -61,8 +60,6 @@ class Watcher:
         if mqtt is not None:
             mqtt.subscribe(TOPIC_PATTERN, self._on_telemetry)
             mqtt.add_connection_listener(self._on_connection)
-        for fid in config.forces:
-            self._export(fid)
 
     # ---- read side ----------------------------------------------------------------------
 
@@ -88,6 +85,11 @@ class Watcher:
     def add_transition_listener(self, callback: Callable[[Transition], None]) -> Unsubscribe:
         """Called with every change of a centre's state, after it is audited."""
         return self._transitions.add(callback)
+
+    def component(self, force: str, component: Component) -> bool | None:
+        """A component's last verdict: None while there is no evidence."""
+        m = self._machines.get(force)
+        return None if m is None else m.component(component)
 
     def wall_time(self, moment: float) -> float:
         """A moment on the watcher's clock (transitions, `since`) in epoch seconds."""
@@ -226,7 +228,6 @@ class Watcher:
         if self._snapshot.centres.get(force) == m.view:
             return
         self._snapshot = self._snapshot.with_centre(force, m.view)  # one atomic swap
-        self._export(force)
         self._snapshots.notify(self._snapshot)
 
     def _record(self, t: Transition) -> None:
@@ -235,15 +236,4 @@ class Watcher:
                 t.source, t.reason)
         self._audit.record("state_change", force=t.force, before=t.before.value,
                            after=t.after.value, source=t.source, reason=t.reason)
-        metrics.STATE_CHANGES.labels(t.force, t.after.value, t.source.split(":")[0]).inc()
-        if t.detection_s is not None:
-            metrics.FAILOVER_DETECTION_SECONDS.observe(t.detection_s)
         self._transitions.notify(t)
-
-    def _export(self, force: str) -> None:
-        m = self._machines[force]
-        for state in STATES:
-            metrics.CENTRE_STATE.labels(force, state).set(1 if m.state.value == state else 0)
-        for component in Component:
-            up = m.component(component)
-            metrics.CENTRE_COMPONENT_UP.labels(force, component.value).set(1 if up else 0)
