@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from router.engine.model import CentreState, Snapshot
 from router.infra import metrics
-from router.infra.listeners import Unsubscribe
 from router.watch.health import Component, Transition
 from router.watch.watcher import Watcher
 
@@ -13,18 +12,13 @@ STATES = tuple(s.value for s in CentreState)
 
 
 class StateMetrics:
+    """Listens for the watcher's whole life: Prometheus is scraped for as long as it runs."""
+
     def __init__(self, watcher: Watcher):
         self._watcher = watcher
-        self._unsubscribe: list[Unsubscribe] = [
-            watcher.add_listener(self._on_snapshot),
-            watcher.add_transition_listener(self._on_transition),
-        ]
+        watcher.add_listener(self._on_snapshot)
+        watcher.add_transition_listener(self._on_transition)
         self._on_snapshot(watcher.snapshot)
-
-    def close(self) -> None:
-        for unsubscribe in self._unsubscribe:
-            unsubscribe()
-        self._unsubscribe.clear()
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         for force, view in snapshot.centres.items():
