@@ -115,15 +115,18 @@ def _free_port(kind: int) -> int:
         return int(s.getsockname()[1])
 
 
-def demo_config(workdir: Path, http_port: int, mqtt_port: int | None) -> tuple[RouterConfig,
-                                                                             dict[str, int]]:
-    """The bundled config, pointed at the simulated centres on free loopback ports."""
+def demo_config(workdir: Path, http_port: int, mqtt_port: int | None
+                ) -> tuple[RouterConfig, dict[str, socket.socket]]:
+    """The bundled config, pointed at the simulated centres on free loopback ports. Each
+    centre's SIP socket is returned bound, so no other process can take its port meanwhile."""
     raw = yaml.safe_load(BUNDLED.read_text())
-    sip_ports: dict[str, int] = {}
+    sip_socks: dict[str, socket.socket] = {}
     for fid, force in raw["forces"].items():
-        sip_ports[fid] = _free_port(socket.SOCK_DGRAM)
+        sock = sip_socks[fid] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
         force["centre"]["probes"] = [
-            {"kind": "sip", "target": f"127.0.0.1:{sip_ports[fid]}", "component": "telephony"},
+            {"kind": "sip", "target": f"127.0.0.1:{port}", "component": "telephony"},
             {"kind": "http", "target": f"http://127.0.0.1:{http_port}/centres/{fid}/health",
              "component": "cad"},
         ]
@@ -133,7 +136,7 @@ def demo_config(workdir: Path, http_port: int, mqtt_port: int | None) -> tuple[R
     raw["handoff"]["store"] = f"sqlite:///{workdir / 'handoffs.db'}"
     raw["handoff"]["spool_dir"] = str(workdir / "spool")
     raw["service"]["audit_log"] = str(workdir / "audit.jsonl")
-    return RouterConfig.model_validate(raw), sip_ports
+    return RouterConfig.model_validate(raw), sip_socks
 
 
 def _listening(port: int) -> bool:
@@ -379,7 +382,8 @@ async def run_demo(port: int = 8080, duration_s: float | None = None) -> int:
             sim_site = web.TCPSite(runner, "127.0.0.1", 0)
             await sim_site.start()
             sim_port = sim_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            config, sip_ports = demo_config(Path(tmp), sim_port, mqtt_port)
+            config, sip_socks = demo_config(Path(tmp), sim_port, mqtt_port)
+            sip_ports = {fid: int(s.getsockname()[1]) for fid, s in sip_socks.items()}
             tokens, environ = _tokens(config)
             service = RouterApp(config, None, environ)
             demo = Demo(config, service, sip_ports, tokens, mqtt_port)
@@ -389,7 +393,7 @@ async def run_demo(port: int = 8080, duration_s: float | None = None) -> int:
             for fid, centre in demo.centres.items():
                 transport, _ = await loop.create_datagram_endpoint(
                     lambda c=centre: SipOptionsResponder(c),  # type: ignore[misc]
-                    local_addr=("127.0.0.1", sip_ports[fid]))
+                    sock=sip_socks[fid])
                 transports.append(transport)
             service.watcher.add_listener(demo.on_snapshot)
             stop = asyncio.Event()
