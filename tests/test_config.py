@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from router.config import ConfigError, load_config, parse_config
+from router.config.load import parse_config_checked
 from router.engine.model import Service
 
 HERE = Path(__file__).parent / "configs"
@@ -47,7 +48,7 @@ def test_every_error_names_file_line_and_key_and_reads_plainly(path: Path) -> No
         match = ISSUE.match(str(issue))
         assert match, str(issue)
         assert match["file"] == str(path)
-        assert 1 <= issue.line <= len(text)
+        assert issue.line is not None and 1 <= issue.line <= len(text)
         if issue.key not in ("(yaml)", "(top)"):
             # the line named holds the key (for a missing key, its parent)
             keys = re.sub(r"\[\d+\]", "", issue.key).split(".")
@@ -66,7 +67,44 @@ def test_the_two_force_base_of_the_broken_files_is_valid() -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "nope.yaml")
-    assert str(err.value).startswith(f"{tmp_path / 'nope.yaml'}:0: (file): ")
+    # no line to name: the file itself is the problem
+    assert str(err.value) == (f"{tmp_path / 'nope.yaml'}: (file): "
+                              "cannot read: No such file or directory")
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"version: 1\nname: Caf\xe9\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:2: (file): not UTF-8 text (byte 0xe9)"
+
+
+def test_no_999_partners_or_no_evidence_is_a_warning_not_an_error() -> None:
+    """Valid (tests and declaration-only set-ups use them) but said, never silently taken."""
+    text = (HERE / "two-forces.yaml").read_text().replace(
+        '      "999":\n        - {to: met, weight: 2}\n', '      "999": []\n').replace(
+        "      max_queue: 150\n", "      max_queue: 150\n      telemetry: false\n")
+    cfg, warnings = parse_config_checked(text, "two.yaml")
+    assert set(cfg.forces) == {"met", "kent"}
+    assert [str(w) for w in warnings] == [
+        "two.yaml:11: forces.met.centre.telemetry: off, and there are no probes: only a "
+        "manager's declaration can ever tell the router met's state",
+        "two.yaml:40: forces.kent.overflow.999: no partners: if kent's centre fails, its 999 "
+        "calls can only go home as last resort"]
+
+
+def test_validate_prints_warnings_and_still_passes(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from router.cli import main
+
+    path = tmp_path / "quiet.yaml"
+    path.write_text((HERE / "two-forces.yaml").read_text().replace(
+        "      max_queue: 150\n", "      max_queue: 150\n      telemetry: false\n"))
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"{path}: valid — 2 forces, 1 warning"
+    assert f"warning: {path}:11: forces.met.centre.telemetry: off" in out
 
 
 def test_empty_file_is_refused() -> None:

@@ -7,11 +7,21 @@ The rest of the router only ever sees a `RouterConfig` that passed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from router.config.schema import RouterConfig
-from router.config.yamldoc import ConfigError, ConfigIssue, Path_, YamlTree, parse_document
+from router.config.yamldoc import (
+    ConfigError,
+    ConfigIssue,
+    Path_,
+    YamlTree,
+    parse_document_checked,
+)
+from router.engine.model import Service
+
+log = logging.getLogger(__name__)
 
 
 def _semantic_issues(tree: YamlTree, cfg: RouterConfig) -> Iterable[ConfigIssue]:
@@ -41,8 +51,6 @@ def _semantic_issues(tree: YamlTree, cfg: RouterConfig) -> Iterable[ConfigIssue]
                         f"is {origin}'s own: the call would bounce back (cycle)"
                     )
                 seen.add(route.to)
-            if routes and sum(r.weight for r in routes) == 0:
-                yield tree.issue(base, "weights sum to zero: no partner could ever be chosen")
     from adapters.base import option_problems  # each adapter owns its options' model
 
     for fid, force in cfg.forces.items():
@@ -53,16 +61,55 @@ def _semantic_issues(tree: YamlTree, cfg: RouterConfig) -> Iterable[ConfigIssue]
         if role.startswith("partner:") and role.removeprefix("partner:") not in cfg.forces:
             yield tree.issue(("service", "tokens", i, "role"),
                              f"{role!r} names an unknown force (known: {known})")
+        tls = cfg.service.listen.tls
+        if token.client_cert is not None and (tls is None or tls.client_cert == "none"):
+            yield tree.issue(("service", "tokens", i, "client_cert"),
+                             "needs service.listen.tls with client_ca_file and client_cert: "
+                             "optional or required")
+
+
+def _warnings(tree: YamlTree, cfg: RouterConfig) -> Iterable[ConfigIssue]:
+    """Valid but probably not meant: said by `validate` and logged by the service."""
+    for fid, force in cfg.forces.items():
+        if not force.centre.probes and not force.centre.telemetry:
+            yield tree.issue(("forces", fid, "centre", "telemetry"),
+                             "off, and there are no probes: only a manager's declaration can "
+                             f"ever tell the router {fid}'s state")
+        if not force.overflow[Service.EMERGENCY]:
+            yield tree.issue(("forces", fid, "overflow", "999"),
+                             f"no partners: if {fid}'s centre fails, its 999 calls can only go "
+                             "home as last resort")
+
+
+def parse_config_checked(text: str, file: str = "<config>"
+                         ) -> tuple[RouterConfig, list[ConfigIssue]]:
+    """The config and its warnings; raises ConfigError with every error."""
+    return parse_document_checked(text, file, RouterConfig, _semantic_issues, _warnings)
 
 
 def parse_config(text: str, file: str = "<config>") -> RouterConfig:
-    return parse_document(text, file, RouterConfig, _semantic_issues)
+    return parse_config_checked(text, file)[0]
+
+
+def load_config_checked(path: str | Path) -> tuple[RouterConfig, list[ConfigIssue]]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(path), None, "(file)",
+                                       f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError([ConfigIssue(str(path), line, "(file)",
+                                       f"not UTF-8 text (byte {raw[exc.start]:#04x})")]) from None
+    return parse_config_checked(text, str(path))
 
 
 def load_config(path: str | Path) -> RouterConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(str(path), 0, "(file)", exc.strerror or str(exc))]) from None
-    return parse_config(text, str(path))
+    """The config, logging its warnings (the service's loads and reloads)."""
+    config, warnings = load_config_checked(path)
+    for warning in warnings:
+        log.warning("config warning: %s", warning)
+    return config

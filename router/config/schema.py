@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from router.engine.model import Service
 
@@ -22,8 +29,33 @@ PosFloat = Annotated[float, Field(gt=0)]
 SIP_URI = r"^sips?:[^\s]+$"
 ROLE = r"^(telephony|viewer|manager|partner:[a-z][a-z0-9_]*)$"
 MQTT_PREFIX = r"^[^#+]*/$"
+HTTP_URL = r"^https?://[^\s/]+(/\S*)?$"
 
-SipUri = Annotated[str, Field(pattern=SIP_URI)]
+
+def _port_problem(hostport: str) -> str | None:
+    """What is wrong with the port of a `host:port` (or bracketed IPv6), if it has one."""
+    host, sep, port = hostport.rpartition(":")
+    if sep and port.isdigit() and not host.endswith(":") and not 1 <= int(port) <= 65535:
+        return f"port {int(port)} is out of range (1-65535)"
+    return None
+
+
+def _sip_port(uri: str) -> str:
+    problem = _port_problem(uri.split("@")[-1].split(";")[0].split("?")[0])
+    if problem:
+        raise ValueError(problem)
+    return uri
+
+
+def _url_port(url: str) -> str:
+    problem = _port_problem(url.split("/")[2])
+    if problem:
+        raise ValueError(problem)
+    return url
+
+
+SipUri = Annotated[str, Field(pattern=SIP_URI), AfterValidator(_sip_port)]
+WebUrl = Annotated[str, Field(pattern=HTTP_URL), AfterValidator(_url_port)]
 
 # how a pattern's failure is explained (config errors name the rule, not the regex)
 PATTERN_MESSAGES = {
@@ -31,6 +63,7 @@ PATTERN_MESSAGES = {
     FORCE_ID: "a force id is 2 to 32 lower-case letters, digits or _, starting with a letter",
     ROLE: "must be telephony, viewer, manager or partner:FORCE",
     MQTT_PREFIX: "must end with / and contain no + or #",
+    HTTP_URL: "must be an http:// or https:// URL",
 }
 
 
@@ -53,6 +86,24 @@ class Overload(Strict):
     enter: OverloadLevels
     leave: OverloadLevels
 
+    @model_validator(mode="after")
+    def _hysteresis(self) -> Overload:
+        """`leave` must lie strictly on the calm side of `enter`, or a centre at the level
+        would enter and leave overload on the same reading."""
+        if all(v is None for v in self.enter.model_dump().values()):
+            raise ValueError("enter: names no level, so the centre could never be overloaded")
+        e, lv = self.enter, self.leave
+        for key, entered, left in (("calls_waiting", e.calls_waiting, lv.calls_waiting),
+                                   ("oldest_wait_s", e.oldest_wait_s, lv.oldest_wait_s)):
+            if entered is not None and left is not None and left >= entered:
+                raise ValueError(f"leave.{key}: {left:g} must be below enter.{key} "
+                                 f"({entered:g}), or overload would never settle")
+        entered, left = e.handlers_available_below, lv.handlers_available_below
+        if entered is not None and left is not None and left < entered:
+            raise ValueError(f"leave.handlers_available_below: {left} must be at least "
+                             f"enter.handlers_available_below ({entered})")
+        return self
+
 
 class Probe(Strict):
     """An active check. `component` says which half of the centre it proves alive."""
@@ -69,6 +120,9 @@ class Probe(Strict):
             raise ValueError(f"target: an http probe needs an http(s):// URL, got {self.target!r}")
         if self.kind != "http" and not re.match(r"^[^\s:]+:\d{1,5}$", self.target):
             raise ValueError(f"target: a {self.kind} probe needs host:port, got {self.target!r}")
+        problem = _port_problem(self.target if self.kind != "http" else self.target.split("/")[2])
+        if problem:
+            raise ValueError(f"target: {problem}")
         return self
 
 
@@ -120,9 +174,32 @@ class MutualAid(Strict):
 
 
 class Route(Strict):
+    """A partner for one service. Weighted partners share the overflow in proportion; a
+    `standby` partner is used only when no weighted one can help."""
+
     to: str
-    weight: NonNegInt
+    weight: int | None = None
+    standby: bool = False
     max_concurrent: NonNegInt | None = None  # cap on this origin's calls at this partner
+
+    @model_validator(mode="after")
+    def _weight_or_standby(self) -> Route:
+        if self.standby:
+            if self.weight is not None:
+                raise ValueError("weight: a standby partner has no weight (it is used only "
+                                 "when no weighted partner can help)")
+        elif self.weight is None:
+            raise ValueError("weight: required (or standby: true)")
+        elif self.weight < 1:
+            raise ValueError(f"weight: {self.weight} would never choose {self.to}; write "
+                             "standby: true for a partner used only when no weighted one can "
+                             "help, or remove the route")
+        return self
+
+    @property
+    def share_weight(self) -> int:
+        """The round robin's weight: 0 marks a standby partner."""
+        return self.weight or 0
 
 
 class Cad(Strict):
@@ -137,7 +214,7 @@ class Force(Strict):
     cad: Cad
     mutual_aid: MutualAid
     overflow: dict[Service, tuple[Route, ...]]
-    notify_url: str | None = None  # partner notification hook (diversion started/changed/stopped)
+    notify_url: WebUrl | None = None  # partner hook: diversion started, changed, stopped
 
     @field_validator("sip", "overflow")
     @classmethod
@@ -152,21 +229,116 @@ class Force(Strict):
 # ---- service-wide settings ------------------------------------------------------------------
 
 
+class RateLimit(Strict):
+    """A token bucket: `per_s` requests a second on average, bursts of up to `burst`."""
+
+    per_s: PosFloat
+    burst: Annotated[int, Field(ge=1)]
+
+
 class Token(Strict):
+    """One credential. Secrets live in environment variables, never in this file."""
+
     env: str
     role: str = Field(pattern=ROLE)
+    # partners: handoffs must carry an HMAC-SHA256 signature made with this variable's key
+    signing_key_env: str | None = None
+    # None: the role's default (telephony unlimited: a route is never refused); "off": none
+    rate_limit: RateLimit | Literal["off"] | None = None
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] | None = None
+    # mutual TLS: the subject CN of the verified client certificate this token must come with
+    client_cert: str | None = Field(default=None, min_length=1)
 
-    @field_validator("env")
+    @field_validator("env", "signing_key_env")
     @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_NAME.match(value):
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
             raise ValueError(f"not an environment variable name: {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _signing(self) -> Token:
+        if self.signing_key_env is not None and not self.role.startswith("partner:"):
+            raise ValueError("signing_key_env: only partners sign (their handoffs)")
+        return self
+
+
+class TlsFiles(Strict):
+    """Base of the TLS settings: their files are opened and parsed when the config is read,
+    so a missing or broken one is refused with its key's line (at start, or by a reload that
+    then keeps the running certificate) rather than found at the first handshake. Paths are
+    relative to the working directory, like the config's other paths."""
+
+    @staticmethod
+    def _readable(key: str, path: str) -> None:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _check_ca(key: str, path: str) -> None:
+        import ssl  # only TLS settings need it
+
+        TlsFiles._readable(key, path)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        except ssl.SSLError:
+            raise ValueError(f"{key}: {path} holds no PEM certificate") from None
+
+    @staticmethod
+    def _check_pair(cert_file: str, key_file: str) -> None:
+        import ssl
+
+        TlsFiles._check_ca("cert_file", cert_file)
+        TlsFiles._readable("key_file", key_file)
+
+        def no_password() -> bytes:  # never prompt on a terminal: the service has none
+            raise ValueError("it is encrypted (the router takes unencrypted keys only)")
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                cert_file, key_file, password=no_password)
+        except (ssl.SSLError, ValueError) as exc:
+            why = str(exc) if isinstance(exc, ValueError) else (
+                "it does not match the certificate" if exc.reason == "KEY_VALUES_MISMATCH"
+                else "it is not a PEM private key")
+            raise ValueError(f"key_file: {key_file} is not the key of {cert_file}: "
+                             f"{why}") from None
+
+
+class ServerTls(TlsFiles):
+    """HTTPS for the listener, TLS 1.2 or later. With `client_ca_file`, clients may
+    (`optional`) or must (`required`) show a certificate that CA signed, and its subject CN
+    is known to the auth layer (mutual TLS for partners)."""
+
+    cert_file: str = Field(min_length=1)  # PEM: the certificate, then any intermediates
+    key_file: str = Field(min_length=1)  # PEM, unencrypted; both reread on every reload
+    client_ca_file: str | None = None
+    client_cert: Literal["none", "optional", "required"] = "none"
+
+    @model_validator(mode="after")
+    def _files_load(self) -> ServerTls:
+        if self.client_cert != "none" and self.client_ca_file is None:
+            raise ValueError(f"client_cert: {self.client_cert} needs client_ca_file, the CA "
+                             "that signs the clients' certificates")
+        if self.client_ca_file is not None and self.client_cert == "none":
+            raise ValueError("client_ca_file: unused while client_cert is none "
+                             "(set client_cert: optional or required)")
+        self._check_pair(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            self._check_ca("client_ca_file", self.client_ca_file)
+        return self
 
 
 class Listen(Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    tls: ServerTls | None = None  # absent: plain HTTP
+    # a connection must complete each request head this soon after opening or after its
+    # previous response, or it is closed (slow clients, idle keep-alive connections)
+    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
 
 
 class ServiceSettings(Strict):
@@ -176,6 +348,26 @@ class ServiceSettings(Strict):
     audit_log: str = "var/audit.jsonl"  # declarations and state changes
 
 
+class MqttTls(TlsFiles):
+    """TLS to the broker, TLS 1.2 or later: its certificate must be signed by `ca_file` and
+    name `mqtt.host`; `cert_file` and `key_file`, together, are the router's own."""
+
+    ca_file: str = Field(min_length=1)
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _files_load(self) -> MqttTls:
+        self._check_ca("ca_file", self.ca_file)
+        if self.cert_file is None and self.key_file is not None:
+            raise ValueError("key_file: needs cert_file, the certificate it is the key of")
+        if self.cert_file is not None and self.key_file is None:
+            raise ValueError("cert_file: needs key_file, the certificate's private key")
+        if self.cert_file is not None and self.key_file is not None:
+            self._check_pair(self.cert_file, self.key_file)
+        return self
+
+
 class Mqtt(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -183,6 +375,7 @@ class Mqtt(Strict):
     prefix: str = Field(default="overflow/", pattern=MQTT_PREFIX)
     username_env: str | None = None
     password_env: str | None = None
+    tls: MqttTls | None = None  # absent: plain TCP
 
 
 class Recovery(Strict):

@@ -20,12 +20,13 @@ Path_ = tuple[str | int, ...]
 @dataclass(frozen=True)
 class ConfigIssue:
     file: str
-    line: int
+    line: int | None  # None when there is no line to name (the file could not be read)
     key: str
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.key}: {self.message}"
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}"
 
 
 class ConfigError(Exception):
@@ -34,6 +35,20 @@ class ConfigError(Exception):
     def __init__(self, issues: list[ConfigIssue]):
         self.issues = issues
         super().__init__("\n".join(str(i) for i in issues))
+
+
+MAX_DEPTH = 64  # far beyond any real config; keeps hostile nesting from exhausting the stack
+MAX_NODES = 100_000  # values after alias expansion; the bundled config has about 1,000
+_YAML_TAG = "tag:yaml.org,2002:"
+_PLAIN_TAGS = frozenset(_YAML_TAG + t for t in ("null", "bool", "int", "float", "str", "seq",
+                                                "map", "timestamp"))
+
+
+class _Refused(Exception):
+    """The document cannot be turned into plain data; says where and why."""
+
+    def __init__(self, line: int, path: Path_, message: str):
+        self.line, self.path, self.message = line, path, message
 
 
 def _key_text(path: Path_) -> str:
@@ -51,6 +66,8 @@ class YamlTree:
         self.lines: dict[Path_, int] = {}
         self.issues: list[ConfigIssue] = []
         self._scalars = yaml.SafeLoader("")
+        self._budget = MAX_NODES
+        self.data: Any = None
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as exc:
@@ -61,16 +78,47 @@ class YamlTree:
             if context and start and start.line + 1 != line:  # say where the broken part began
                 problem += f" ({context} that starts on line {start.line + 1})"
             self.issues.append(ConfigIssue(file, line, "(yaml)", f"not valid YAML: {problem}"))
-            self.data: Any = None
             return
-        self.data = self._convert(node, ()) if node is not None else None
+        except RecursionError:
+            self.issues.append(ConfigIssue(file, 1, "(yaml)", "nested too deeply to read"))
+            return
+        if node is None:
+            return
+        try:
+            self.data = self._convert(node, (), ())
+        except _Refused as exc:  # the document cannot be read as plain data at all
+            path = exc.path  # named by its key, not by a position deep inside expanded aliases
+            while path and isinstance(path[-1], int):
+                path = path[:-1]
+            line = self.lines.get(path, exc.line) if path != exc.path else exc.line
+            self.issues.append(ConfigIssue(file, line, _key_text(path), exc.message))
+            self.data = None
 
-    def _convert(self, node: yaml.Node, path: Path_) -> Any:
-        self.lines.setdefault(path, node.start_mark.line + 1)
+    def _convert(self, node: yaml.Node, path: Path_, within: tuple[int, ...]) -> Any:
+        """Plain data from a node. Aliases are followed, but a document that refers to itself,
+        nests beyond MAX_DEPTH or expands beyond MAX_NODES (a "billion laughs") is refused, as
+        is any tag beyond YAML's plain types: the config is data, never objects."""
+        line = node.start_mark.line + 1
+        self.lines.setdefault(path, line)
+        if id(node) in within:
+            raise _Refused(line, path, "an alias refers to a node that contains it")
+        if len(within) >= MAX_DEPTH:
+            raise _Refused(line, path, f"nested more than {MAX_DEPTH} levels deep")
+        self._budget -= 1
+        if self._budget < 0:
+            raise _Refused(line, path, f"more than {MAX_NODES} values once aliases are "
+                           "expanded")
+        if node.tag not in _PLAIN_TAGS:
+            raise _Refused(line, path, f"tag {node.tag.replace(_YAML_TAG, '!!')} is not allowed "
+                           "(only plain text, numbers, true/false, lists and mappings)")
+        inner = (*within, id(node))
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = self._scalars.construct_object(key_node)
+                key = self._scalar(key_node, path) if isinstance(key_node, yaml.ScalarNode) \
+                    else None
+                if not isinstance(key, (str, int, float, bool)):
+                    raise _Refused(key_node.start_mark.line + 1, path, "a key must be plain text")
                 key = str(key) if isinstance(key, (int, float, bool)) else key
                 sub = (*path, key)
                 if key in out:
@@ -80,11 +128,19 @@ class YamlTree:
                                     "(YAML would silently keep only the last)")
                     )
                 self.lines[sub] = key_node.start_mark.line + 1
-                out[key] = self._convert(value_node, sub)
+                out[key] = self._convert(value_node, sub, inner)
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self._convert(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self._scalars.construct_object(node)
+            return [self._convert(item, (*path, i), inner) for i, item in enumerate(node.value)]
+        return self._scalar(node, path)
+
+    def _scalar(self, node: yaml.Node, path: Path_) -> Any:
+        try:
+            return self._scalars.construct_object(node)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. a 5,000-digit number
+            why = str(exc).splitlines()[0].split(";")[0][:120]
+            raise _Refused(node.start_mark.line + 1, path,
+                           f"cannot read this value: {why}") from None
 
     def line_of(self, path: Path_) -> int:
         for end in range(len(path), -1, -1):
@@ -106,7 +162,7 @@ def _pydantic_issues(tree: YamlTree, exc: ValidationError) -> Iterable[ConfigIss
             msg = msg.removeprefix("Value error, ")
             field_, sep, rest = msg.partition(": ")
             if sep and " " not in field_:
-                path, msg = (*path, field_), rest
+                path, msg = (*path, *field_.split(".")), rest
         if kind not in ("missing", "extra_forbidden") and "input" in err and not isinstance(
             err["input"], (dict, list)
         ):
@@ -157,10 +213,18 @@ def _is_branch(part: str | int) -> bool:
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_document(text: str, file: str, model: type[M],
-                   cross_check: Callable[[YamlTree, M], Iterable[ConfigIssue]]) -> M:
+Check = Callable[[YamlTree, M], Iterable[ConfigIssue]]
+
+
+def parse_document(text: str, file: str, model: type[M], cross_check: Check[M]) -> M:
     """Validate any YAML document (the config, a simulation scenario) the same way: every
     problem at once, each as `FILE:LINE: key: message`."""
+    return parse_document_checked(text, file, model, cross_check, lambda tree, doc: ())[0]
+
+
+def parse_document_checked(text: str, file: str, model: type[M], cross_check: Check[M],
+                           warn: Check[M]) -> tuple[M, list[ConfigIssue]]:
+    """As parse_document, also returning what `warn` finds in a valid document."""
     tree = YamlTree(file, text)
     if tree.issues and tree.data is None:
         raise ConfigError(tree.issues)
@@ -170,8 +234,8 @@ def parse_document(text: str, file: str, model: type[M],
         doc = model.model_validate(tree.data)
     except ValidationError as exc:
         issues = [*tree.issues, *_pydantic_issues(tree, exc)]
-        raise ConfigError(sorted(issues, key=lambda i: i.line)) from None
+        raise ConfigError(sorted(issues, key=lambda i: i.line or 0)) from None
     issues = [*tree.issues, *cross_check(tree, doc)]
     if issues:
-        raise ConfigError(sorted(issues, key=lambda i: i.line))
-    return doc
+        raise ConfigError(sorted(issues, key=lambda i: i.line or 0))
+    return doc, sorted(warn(tree, doc), key=lambda i: i.line or 0)

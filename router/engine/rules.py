@@ -107,7 +107,7 @@ def compile_force(config: RouterConfig, fid: str) -> ForceRules:
     return ForceRules(
         fid, c.handlers_on_duty, c.overflow_queue, c.max_queue, c.on_cad_down == "overflow",
         dict(f.sip), {"queue": c.shed_101.queue, "announcement": c.shed_101.announcement},
-        {s: tuple(PartnerRoute(r.to, r.weight, r.max_concurrent,
+        {s: tuple(PartnerRoute(r.to, r.share_weight, r.max_concurrent,
                                f"forces.{fid}.overflow.{s.value}[{i}]")
                   for i, r in enumerate(f.overflow[s])) for s in Service},
         {s: aid_cap(f.mutual_aid, s) for s in Service}, f.mutual_aid.only_while_queue_below,

@@ -20,7 +20,9 @@ def force(fid: str, *, handlers: int = 10, overflow_queue: int = 2, max_queue: i
     def routes(specs: Sequence[RouteSpec]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for spec in specs:
-            route: dict[str, Any] = {"to": spec[0], "weight": spec[1]}
+            # weight 0 here means a standby partner, as the config writes it
+            route: dict[str, Any] = ({"to": spec[0], "weight": spec[1]} if spec[1]
+                                     else {"to": spec[0], "standby": True})
             if len(spec) == 3:
                 route["max_concurrent"] = spec[2]
             out.append(route)
