@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -70,6 +71,17 @@ class Refusal:
 
 
 Outcome = Ack | Refusal
+
+
+# control characters and unpaired surrogates: nothing a person reading a reason needs
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def excerpt(answer: bytes | str, limit: int = 200) -> str:
+    """A CAD's free text (a body, a status text) fit for a reason: decoded as UTF-8 whatever
+    it holds, control characters replaced, at most `limit` characters."""
+    text = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else answer
+    return _UNPRINTABLE.sub("\ufffd", text[:limit])
 
 
 class AdapterUnavailable(Exception):

@@ -7,7 +7,9 @@ conveyance URL, the CAD sends `subscribe`, the router answers `subscribeResponse
 subscription id, then sends each incident as an `event` carrying one EIDO in `notification`,
 and the CAD answers `eventResponse` with the same `transactionId` and a `statusCode`
 (2xx acknowledged, 4xx refused for good, 5xx try again). WebSocket pings keep the link alive
-and notice a dead peer (aiohttp's `heartbeat`).
+and notice a dead peer (aiohttp's `heartbeat`). The status code decides: whatever else the CAD
+says (a garbled `statusText`, an odd reference, a binary frame that is not UTF-8) changes no
+outcome, and an answer without a readable `statusCode` is worth another attempt.
 
 The transaction id is the handoff's idempotency key, so a CAD that sees a retry can tell.
 `eido_document` is also used by the http_json adapter.
@@ -37,6 +39,7 @@ from adapters.base import (
     Reconnecting,
     Refusal,
     Replies,
+    excerpt,
 )
 from router.infra.timefmt import iso
 
@@ -123,11 +126,15 @@ class _Link:
     async def _read(self) -> None:
         try:
             async for msg in self.ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
+                if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     continue
+                # tolerant: a binary frame is read as (possibly broken) UTF-8 text, and raw
+                # control characters inside strings are let through
+                text = (msg.data if isinstance(msg.data, str)
+                        else msg.data.decode("utf-8", "replace"))
                 try:
-                    data = json.loads(msg.data)
-                except json.JSONDecodeError:
+                    data = json.loads(text, strict=False)
+                except (ValueError, RecursionError):
                     log.warning("EIDO peer sent non-JSON; ignored")
                     continue
                 response = data.get("eventResponse") if isinstance(data, dict) else None
@@ -204,10 +211,12 @@ class EidoAdapter:
                                         eido_document(delivery, self.options.sender))
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise AdapterUnavailable(f"EIDO send failed: {exc}") from exc
-        code = int(response.get("statusCode", 500))
-        text = str(response.get("statusText", ""))
+        code = _status_code(response.get("statusCode"))
+        text = excerpt(str(response.get("statusText") or ""))
+        if code is None:
+            raise AdapterUnavailable(f"EIDO eventResponse without a statusCode {text}".strip())
         if 200 <= code < 300:
-            return Ack(reference=str(response.get("incidentReference", "")),
+            return Ack(reference=excerpt(str(response.get("incidentReference") or "")),
                        duplicate=code == 208)
         if 400 <= code < 500 and code not in (408, 429):
             return Refusal(f"EIDO eventResponse {code} {text}".strip())
@@ -215,3 +224,13 @@ class EidoAdapter:
 
     async def aclose(self) -> None:
         await self._links.close()
+
+
+def _status_code(value: Any) -> int | None:
+    """An eventResponse's statusCode as a number (some CADs send "200"), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None

@@ -7,7 +7,9 @@ so the CAD can reject replays and tampering without TLS client certificates.
 
 Answers: 2xx acknowledged (`{"reference"?, "duplicate"?}` in the body); 409 already have it
 (acknowledged as a duplicate); 408, 425, 429 and 5xx try again; any other 4xx is a permanent
-refusal whose reason is the body's `message` (or its text).
+refusal whose reason is the body's `message` (or its text). The status decides: a body that is
+not JSON, or not even UTF-8, changes no outcome (a 2xx with a garbled body is still delivered),
+it only yields no reference.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from adapters.base import (
     Delivery,
     Outcome,
     Refusal,
+    excerpt,
 )
 from adapters.eido import eido_document
 
 RETRYABLE_4XX = frozenset({408, 425, 429})
+MAX_ANSWER_BYTES = 64 * 1024  # of a CAD's answer read; the rest is not needed
 
 
 class HttpJsonOptions(AdapterOptions):
@@ -91,20 +95,22 @@ class HttpJsonAdapter:
         try:
             async with self._session.post(self.options.url, data=body,
                                           headers=self._headers(delivery, body)) as resp:
-                text = await resp.text()
+                raw = await _read_bounded(resp)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise AdapterUnavailable(f"POST {self.options.url}: "
                                      f"{exc or type(exc).__name__}") from exc
-        answer = _json(text)
+        answer = _json(raw)
+        reference = excerpt(str(answer.get("reference") or ""))
         if 200 <= status < 300:
-            return Ack(reference=str(answer.get("reference", "")),
-                       duplicate=bool(answer.get("duplicate", False)))
+            return Ack(reference=reference, duplicate=answer.get("duplicate") is True)
         if status == 409:
-            return Ack(reference=str(answer.get("reference", "")), duplicate=True)
+            return Ack(reference=reference, duplicate=True)
         if 400 <= status < 500 and status not in RETRYABLE_4XX:
-            return Refusal(f"HTTP {status}: {answer.get('message') or text[:200]}")
-        raise AdapterUnavailable(f"HTTP {status}: {text[:200]}")
+            message = answer.get("message")
+            reason = message if isinstance(message, str) and message else raw
+            return Refusal(f"HTTP {status}: {excerpt(reason)}")
+        raise AdapterUnavailable(f"HTTP {status}: {excerpt(raw)}")
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -112,9 +118,22 @@ class HttpJsonAdapter:
             self._session = None
 
 
-def _json(text: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text) if text else {}
-    except json.JSONDecodeError:
+async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(16 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= MAX_ANSWER_BYTES:
+            break
+    return b"".join(chunks)[:MAX_ANSWER_BYTES]
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    """The answer as a JSON object, or {} when it is not one (JSON is optional)."""
+    text = raw.decode("utf-8-sig", "replace")
+    try:  # strict=False: raw control characters inside strings are let through
+        data = json.loads(text, strict=False) if text.strip() else {}
+    except (ValueError, RecursionError):  # not JSON; or nested deeper than the parser goes
         return {}
     return data if isinstance(data, dict) else {}

@@ -28,6 +28,7 @@ from adapters.base import (
     Reconnecting,
     Refusal,
     Replies,
+    excerpt,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class _Session:
             async for message in self.client.messages:
                 try:
                     ack = json.loads(message.payload)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, RecursionError):
                     log.warning("unreadable handoff ack on %s; ignored", message.topic)
                     continue
                 if isinstance(ack, dict):
@@ -118,10 +119,11 @@ class MqttAdapter:
             session.replies.forget(delivery.key)
         status = ack.get("status")
         if status in ("accepted", "duplicate"):
-            return Ack(reference=str(ack.get("reference", "")), duplicate=status == "duplicate")
+            return Ack(reference=excerpt(str(ack.get("reference") or "")),
+                       duplicate=status == "duplicate")
         if status == "refused":
-            return Refusal(str(ack.get("reason") or "refused by the CAD"))
-        raise AdapterUnavailable(f"CAD answered {status!r}")
+            return Refusal(excerpt(str(ack.get("reason") or "refused by the CAD")))
+        raise AdapterUnavailable(f"CAD answered {excerpt(repr(status))}")
 
     async def aclose(self) -> None:
         await self._sessions.close()

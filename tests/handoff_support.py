@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+from aiohttp import web
 
 from adapters.base import Ack, AdapterConfigError, AdapterContext, AdapterOptions, Delivery
 from router.config import RouterConfig
 from router.handoff.desk import HandoffDesk
 from router.handoff.incident import Incident
+from router.http.auth import TOKENS, TokenBook
+from router.http.errors import errors_middleware
+from router.http.handoffs import HANDOFFS, OpenDesk, add_routes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,12 +57,16 @@ def make_config(tmp: Path, store: str | None = None, cads: dict[str, dict[str, A
     return RouterConfig.model_validate(config_data(tmp, store, cads, **handoff))
 
 
+# one opening time per test session: the same incident built twice is the same content
+OPENED_AT = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+
+
 def incident(n: int, frm: str = "kent", to: str = "met", priority: str = "P1",
              **extra: Any) -> dict[str, Any]:
     return {
         "incident_id": f"{frm.upper()}-{n:06d}", "from": frm, "to": to, "priority": priority,
         "service": "999", "call_id": f"call-{n}",
-        "opened_at": dt.datetime.now(dt.UTC).isoformat(),
+        "opened_at": OPENED_AT,
         "location": {"lat": 51.2, "lon": 0.5, "address": "1 High St, Maidstone"},
         "category": "burglary", "summary": f"incident {n} <script>alert(1)</script>",
         "caller": {"name": "A Caller", "phone": "+44 7700 900123"}, **extra,
@@ -147,3 +155,12 @@ class RecordingAdapter:
 def recording(label: str, **options: Any) -> dict[str, Any]:
     """A force's `cad:` block for the recording adapter."""
     return {"adapter": "recording", "options": {"label": label, **options}}
+
+
+def handoff_app(desk: HandoffDesk, book: TokenBook) -> web.Application:
+    """The handoff API alone, on an open desk, with the service's error middleware."""
+    app = web.Application(middlewares=[errors_middleware])
+    app[TOKENS] = book
+    app[HANDOFFS] = OpenDesk(desk)
+    add_routes(app)
+    return app

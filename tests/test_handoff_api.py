@@ -10,16 +10,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from conftest import free_port
-from handoff_support import incident, make_config
+from conftest import served
+from handoff_support import handoff_app, incident, make_config
 
 from adapters import sim
 from router.config import Token
 from router.handoff.desk import open_desk
-from router.http import handoffs as api_handoffs
-from router.http.auth import TOKENS, TokenBook
-from router.http.errors import errors_middleware
+from router.http.auth import TokenBook
 
 TOKENS_ENV = {"T_KENT": "kent-secret", "T_MET": "met-secret", "T_VIEW": "view-secret",
               "T_PHONE": "phone-secret"}
@@ -48,20 +45,10 @@ async def client(tmp_path: Path) -> AsyncIterator[Api]:
                       Token(env="T_PHONE", role="telephony")), TOKENS_ENV)
     cad_up = {"met": False}
     async with open_desk(config, alert=lambda a: None,
-                         cad_up=lambda f: cad_up.get(f, True)) as desk:
-        app = web.Application(middlewares=[errors_middleware])
-        app[TOKENS] = book
-        app[api_handoffs.HANDOFFS] = api_handoffs.OpenDesk(desk)
-        api_handoffs.add_routes(app)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-                yield Api(f"http://127.0.0.1:{port}", s, cad_up)
-        finally:
-            await runner.cleanup()
+                         cad_up=lambda f: cad_up.get(f, True)) as desk, \
+            served(handoff_app(desk, book)) as port, \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        yield Api(f"http://127.0.0.1:{port}", s, cad_up)
 
 
 async def test_new_then_duplicate(client: Api) -> None:
@@ -131,5 +118,12 @@ async def test_list_filters_and_unknown_id(client: Api) -> None:
     assert status == 400 and err["field"] == "status"
     status, err = await client.call("GET", "/v1/handoffs/0000", "view-secret")
     assert status == 404
-    status, _ = await client.call("GET", "/v1/handoffs", "kent-secret")
-    assert status == 403
+    # a partner reads what it sent (and what was sent to it), nothing else
+    status, mine = await client.call("GET", "/v1/handoffs", "kent-secret")
+    assert status == 200 and mine["count"] == 4
+    assert {h["from"] for h in mine["handoffs"]} == {"kent"}
+    status, theirs = await client.call("GET", "/v1/handoffs", "met-secret")
+    assert status == 200 and {h["to"] for h in theirs["handoffs"]} == {"met"}
+    status, _ = await client.call("GET", f"/v1/handoffs/{done['handoffs'][0]['id']}",
+                                  "met-secret")  # kent to essex: none of met's business
+    assert status == 404

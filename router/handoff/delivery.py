@@ -25,6 +25,7 @@ from router.handoff.breaker import CadBreaker
 from router.handoff.cads import CadLease
 from router.handoff.incident import Status
 from router.handoff.live import MAX_IDLE_S, Journal, Live
+from router.handoff.store import storable
 from router.infra import metrics
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class Courier:
                                                    attempts or self.retry.attempts)
             except AdapterUnavailable as exc:
                 release()
-                item.reason = str(exc)
+                item.reason = storable(str(exc))  # a CAD's words, also printed on a sheet
                 if self.breaker.trip():
                     log.warning("%s's CAD unavailable (%s): holding its backlog", self.force,
                                 exc)

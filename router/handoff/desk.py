@@ -4,7 +4,8 @@ A partner force that answered another force's diverted call logs the incident an
 back to the home force through `POST /v1/handoffs`. The desk:
 
 - validates the incident at the edge (`Incident`) and stores it before saying yes (202), keyed
-  by `(from, incident_id)` so a partner's retry is recognised (200, same handoff);
+  by `(from, incident_id)` so a partner's retry is recognised (200, same handoff) and the same
+  key with other content is refused (`HandoffConflict`), never silently dropped;
 - delivers each destination's backlog in priority order, at least once, with the handoff id as
   idempotency key so the CAD sees it once (`delivery`); a permanent refusal makes it `failed`
   with the CAD's reason;
@@ -38,7 +39,14 @@ from router.config import Handoff, RouterConfig
 from router.handoff.cads import CadLease, Cads, build_adapters, spec_of
 from router.handoff.delivery import Courier
 from router.handoff.escalation import Alert, Escalator
-from router.handoff.incident import Incident, Status, UnknownDestination, handoff_id
+from router.handoff.incident import (
+    HandoffConflict,
+    Incident,
+    Status,
+    UnknownDestination,
+    differences,
+    handoff_id,
+)
 from router.handoff.live import Journal, Live
 from router.handoff.store import HandoffStore, HistoryEntry, StoredHandoff, open_store
 from router.infra import metrics
@@ -143,7 +151,9 @@ class HandoffDesk:
     # -- the API's side -------------------------------------------------------------------------
 
     async def submit(self, incident: Incident) -> tuple[dict[str, Any], bool]:
-        """Store the incident durably; (handoff JSON, True) if new, (existing, False) if not."""
+        """Store the incident durably; (handoff JSON, True) if new, (existing, False) if the
+        same incident was handed over before. Raises HandoffConflict if its key was handed
+        over before with other content, UnknownDestination, or StoreError."""
         courier = self._couriers.get(incident.to)
         if courier is None or courier.removed:
             raise UnknownDestination(f"to: unknown force {incident.to!r}")
@@ -166,6 +176,12 @@ class HandoffDesk:
         existing = await self.store.get(hid)
         if existing is None:  # cannot happen: the insert found it
             raise RuntimeError(f"handoff {hid} vanished")
+        differ = differences(incident, existing.incident)
+        if differ:
+            raise HandoffConflict(
+                f"incident {incident.incident_id} from {incident.from_} was handed over before "
+                f"with a different {', '.join(differ)}; handoff {hid} stands as first "
+                "accepted", differ)
         return handoff_json(existing), False
 
     async def get(self, hid: str) -> dict[str, Any] | None:

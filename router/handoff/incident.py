@@ -3,27 +3,51 @@ handoff goes through, and the id that names it everywhere (API, store, destinati
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, get_args
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from router.config import FORCE_ID, Priority
 from router.engine.model import Service
 
-__all__ = ["RANK", "TERMINAL", "Caller", "Incident", "Location", "Priority", "Status",
-           "UnknownDestination", "handoff_id"]
+__all__ = ["RANK", "TERMINAL", "Caller", "HandoffConflict", "Incident", "Location", "Priority",
+           "Status", "UnknownDestination", "differences", "handoff_id"]
 
 RANK: Mapping[str, int] = {p: rank for rank, p in enumerate(get_args(Priority))}  # P1 first
 ID_NAMESPACE = uuid.UUID("0d3c6f0e-6a43-5b8e-9a51-2f1f0c6f7e21")
 
 Text = Annotated[str, Field(min_length=1, max_length=200)]
 
+# What neither store can hold: PostgreSQL refuses NUL in text and jsonb, and an unpaired
+# surrogate (JSON "\ud800") is not Unicode at all, so UTF-8 cannot encode it for either.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
 
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        """Refused here, where it enters, rather than by the database in a shared commit.
+        (An unpaired surrogate pydantic refuses itself, as not a valid string.)"""
+        if isinstance(value, str) and "\x00" in value:
+            raise PydanticCustomError("unstorable_text",
+                                      "must not contain a NUL character (U+0000)")
+        return value
 
 
 class Location(_Part):
@@ -92,3 +116,49 @@ def handoff_id(from_force: str, incident_id: str) -> str:
 
 class UnknownDestination(ValueError):
     pass
+
+
+class HandoffConflict(ValueError):
+    """The same (from, incident_id) was handed over before with other content; `fields` names
+    each that differs, the first first."""
+
+    def __init__(self, message: str, fields: list[str]):
+        super().__init__(message)
+        self.fields = fields
+
+
+def differences(incident: Incident, stored: Mapping[str, Any]) -> list[str]:
+    """The contract fields (dotted, in the contract's order) where `incident` differs from one
+    stored before. Both are compared as validated values, so key order, whitespace, number
+    spelling, time zone notation and an explicit null for an absent field do not count. Keys
+    outside the contract (anything the router may add to what it stores) are not compared."""
+    names = _aliases(Incident)
+    try:
+        before = Incident.model_validate({k: v for k, v in stored.items() if k in names})
+    except ValidationError:  # stored by an older, looser version: compare the JSON as stored
+        now = incident.contract_json()
+        return [name for name in names if now.get(name) != stored.get(name)]
+    return _diff(incident, before)
+
+
+def _aliases(model: type[BaseModel]) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _diff(new: BaseModel, old: BaseModel, prefix: str = "") -> list[str]:
+    out = []
+    for name, field in type(new).model_fields.items():
+        a, b = _absent_if_empty(getattr(new, name)), _absent_if_empty(getattr(old, name))
+        label = prefix + (field.alias or name)
+        if isinstance(a, BaseModel) and isinstance(b, BaseModel):
+            out += _diff(a, b, label + ".")
+        elif a != b:
+            out.append(label)
+    return out
+
+
+def _absent_if_empty(value: Any) -> Any:
+    """`"caller": {}` says no more than leaving the caller out."""
+    if isinstance(value, BaseModel) and not value.model_dump(exclude_none=True):
+        return None
+    return value

@@ -17,12 +17,14 @@ from router.handoff.store.base import (
     StatusChange,
     StoredHandoff,
     StoreError,
+    storable,
 )
 from router.handoff.store.postgres import PostgresStore
 from router.handoff.store.sqlite import SqliteStore
 
 __all__ = ["MAX_BATCH", "HandoffStore", "HistoryEntry", "PostgresStore", "SqliteStore",
-           "StatusChange", "StoreError", "StoredHandoff", "open_store", "store_for"]
+           "StatusChange", "StoreError", "StoredHandoff", "open_store", "storable",
+           "store_for"]
 
 
 def store_for(url: str, max_batch: int = MAX_BATCH) -> HandoffStore:

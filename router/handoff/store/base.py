@@ -8,11 +8,18 @@ fsync per request; alone, a caller waits for just its own commit.
 
 Each row carries its status history as a JSON array appended in the same statement as the
 status change, so a status and its history can never disagree.
+
+One bad row must never fail its neighbours: if a batch's transaction fails, its rows are
+committed again one by one, so only the row at fault fails (unless the database itself is
+gone, when the rest fail at once rather than each waiting out its own timeout). Free text that
+comes from outside the router (a CAD's reason or reference, in `reason` and history details)
+is made storable where it enters (`storable`), so a CAD's answer cannot fail a status write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -20,11 +27,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.handoff.incident import TERMINAL
+from router.handoff.incident import TERMINAL, UNSTORABLE
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024  # rows in one transaction; bounds a commit's latency under a flood
+MAX_TEXT = 1000  # characters of free text kept per reason or history detail
 # the terminal statuses as an SQL list: a final row takes no further change
 FINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TERMINAL))
 COLUMNS = ("id, from_force, incident_id, to_force, priority, status, incident, accepted_at, "
@@ -33,6 +41,13 @@ COLUMNS = ("id, from_force, incident_id, to_force, priority, status, incident, a
 
 class StoreError(Exception):
     """The store URL is unusable, or the database refused a commit."""
+
+
+def storable(text: str, limit: int = MAX_TEXT) -> str:
+    """Free text as both stores can hold it: NUL and unpaired surrogates (what a CAD's
+    undecodable answer may carry) become U+FFFD, and it is cut to `limit` characters."""
+    text = UNSTORABLE.sub("\ufffd", text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +183,7 @@ class HandoffStore(ABC):
         if self._writer is None or self._writer.done():
             raise StoreError("the handoff store is not open")
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, done))  # unbounded: never raises QueueFull
+        self._queue.put_nowait((_storable(item), done))  # unbounded: never raises QueueFull
         return done
 
     async def _write_loop(self) -> None:
@@ -192,14 +207,22 @@ class HandoffStore(ABC):
 
     async def _commit(self, batch: _Pending) -> None:
         try:
-            created, changed = await self._flush([h for h, _ in batch.inserts],
-                                                 [c for c, _ in batch.changes])
-        except Exception as exc:  # the whole transaction rolled back: fail every waiter
-            log.error("handoff store commit of %d rows failed: %s", len(batch), exc)
-            for _, done in (*batch.inserts, *batch.changes):
-                if not done.done():
-                    done.set_exception(StoreError(f"commit failed: {exc}"))
+            created, changed = await self._flush_pending(batch)
+        except Exception as exc:  # the whole transaction rolled back
+            if len(batch) == 1:
+                log.error("handoff store commit failed: %s", exc)
+                _fail(batch, exc)
+            else:
+                log.warning("handoff store commit of %d rows failed (%s); committing them "
+                            "one by one", len(batch), exc)
+                await self._commit_singly(batch)
             return
+        self._settle(batch, created, changed)
+
+    async def _flush_pending(self, batch: _Pending) -> tuple[set[str], set[str]]:
+        return await self._flush([h for h, _ in batch.inserts], [c for c, _ in batch.changes])
+
+    def _settle(self, batch: _Pending, created: set[str], changed: set[str]) -> None:
         self.commits += 1
         self.rows += len(batch)
         for handoff, done in batch.inserts:
@@ -210,6 +233,32 @@ class HandoffStore(ABC):
         for change, done in batch.changes:
             if not done.done():
                 done.set_result(change.id in changed)
+
+    async def _commit_singly(self, batch: _Pending) -> None:
+        """Each row of a failed batch in its own transaction, in the batch's order (inserts,
+        then changes), so only a row at fault fails. An error that is not a row's fault means
+        the database is failing: every row left fails with it at once."""
+        singles = [_Pending(inserts=[i]) for i in batch.inserts] + [
+            _Pending(changes=[c]) for c in batch.changes]
+        for n, single in enumerate(singles):
+            try:
+                created, changed = await self._flush_pending(single)
+            except Exception as exc:
+                if not self.row_fault(exc):
+                    log.error("handoff store commit failed: %s; failing the %d rows left",
+                              exc, len(singles) - n)
+                    for rest in singles[n:]:
+                        _fail(rest, exc)
+                    return
+                row = single.inserts[0][0] if single.inserts else single.changes[0][0]
+                log.error("handoff store refused a row of handoff %s: %s", row.id, exc)
+                _fail(single, exc)
+                continue
+            self._settle(single, created, changed)
+
+    def row_fault(self, exc: Exception) -> bool:
+        """Whether `exc` is a row's own fault (its content), not the database's."""
+        return isinstance(exc, (ValueError, TypeError, OverflowError))
 
     @abstractmethod
     async def _flush(self, inserts: Sequence[StoredHandoff],
@@ -225,6 +274,29 @@ class HandoffStore(ABC):
 
 
 _STOP: Any = object()
+
+
+def _fail(batch: _Pending, exc: Exception) -> None:
+    for _, done in (*batch.inserts, *batch.changes):
+        if not done.done():
+            done.set_exception(StoreError(f"commit failed: {exc}"))
+
+
+def _storable(item: StoredHandoff | StatusChange) -> StoredHandoff | StatusChange:
+    """The item with its free text made storable (a copy, only when something changes)."""
+    if isinstance(item, StatusChange):
+        if _clean(item.detail) and (item.reason is None or _clean(item.reason)):
+            return item
+        reason = None if item.reason is None else storable(item.reason)
+        return dataclasses.replace(item, detail=storable(item.detail), reason=reason)
+    if _clean(item.reason) and all(_clean(e.detail) for e in item.history):
+        return item
+    return dataclasses.replace(item, reason=storable(item.reason), history=[
+        dataclasses.replace(e, detail=storable(e.detail)) for e in item.history])
+
+
+def _clean(text: str) -> bool:
+    return len(text) <= MAX_TEXT and not UNSTORABLE.search(text)
 
 
 def new_rows(inserts: Sequence[StoredHandoff], existing: set[str]) -> list[StoredHandoff]:

@@ -92,6 +92,11 @@ class PostgresStore(HandoffStore):
             await conn.execute("SELECT pg_advisory_xact_lock(7242001)")
             await conn.execute(_PG_SCHEMA)
 
+    def row_fault(self, exc: Exception) -> bool:
+        # class 22 (data exception: NUL in text or jsonb, bad encoding) and 23 (a constraint)
+        return isinstance(exc, (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+                          ) or super().row_fault(exc)
+
     async def _close(self) -> None:
         if self._pool is not None:
             await asyncio.wait_for(self._pool.close(), CONNECT_TIMEOUT_S)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ _SQLITE_CHANGE = (
     "delivered_at = COALESCE(delivered_at, ?), history = json_insert(history, '$[#]', json(?)) "
     "WHERE id = ? AND status NOT IN (" + FINAL_SQL + ")"
 )
+
+
 class SqliteStore(HandoffStore):
     """SQLite in WAL mode: one connection writes (the group-commit writer), one reads, so
     status queries never wait behind a commit."""
@@ -77,6 +80,10 @@ class SqliteStore(HandoffStore):
         await self._write.executescript(_SQLITE_SCHEMA)
         self._read = await aiosqlite.connect(self.path, isolation_level=None)
         await self._read.execute("PRAGMA busy_timeout=5000")
+
+    def row_fault(self, exc: Exception) -> bool:
+        return isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError,
+                                sqlite3.InterfaceError)) or super().row_fault(exc)
 
     async def _close(self) -> None:
         for conn in (self._read, self._write):
