@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from router.config import ConfigError, RouterConfig, load_config
+from router.config import ConfigError, RouterConfig, load_config, load_config_checked
 from router.engine.ledger import Ledger
 from router.engine.model import CentreState, CentreView, Service, Snapshot, decision_record
 from router.engine.policy import Policy
@@ -49,15 +49,21 @@ def _load(path: str) -> RouterConfig | None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    if cfg is None:
+    try:
+        cfg, warnings = load_config_checked(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{args.config}: valid — {len(cfg.forces)} forces")
+    print(f"{args.config}: valid — {len(cfg.forces)} forces"
+          + (f", {len(warnings)} warning{'s' * (len(warnings) != 1)}" if warnings else ""))
+    for warning in warnings:
+        print(f"warning: {warning}")
     print(f"{'force':8} {'handlers':>8} {'queue':>9} {'aid cap':>9}  999 partners (weight) / 101")
     for fid, f in cfg.forces.items():
         c, aid = f.centre, f.mutual_aid
         routes = {
-            s: " ".join(f"{r.to}({r.weight})" for r in f.overflow[s]) or "-" for s in Service
+            s: " ".join(f"{r.to}({r.weight or 'standby'})" for r in f.overflow[s]) or "-"
+            for s in Service
         }
         print(f"{fid:8} {c.handlers_on_duty:>8} {c.overflow_queue:>4}/{c.max_queue:<4} "
               f"{aid.max_concurrent:>4}/{aid.reserve_999:<4}  {routes[Service.EMERGENCY]} "
@@ -124,6 +130,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _logging("WARNING", "           %(name)s: %(message)s")  # the demo narrates; logs stay terse
     return asyncio.run(run_demo(port=args.port, duration_s=args.duration))
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 if the audit log's hash chain holds, 1 naming its first break, 2 if unreadable."""
+    from router.infra.audit import verify
+
+    try:
+        verdict = verify(Path(args.file))
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(verdict.summary())
+    return 0 if verdict.intact else 1
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -198,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("audit", help="the audit log: check its hash chain")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="exit 0 if the chain holds, 1 naming its first break")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_audit_verify)
 
     url = os.environ.get("OVERFLOW_URL", "http://127.0.0.1:8080")
     p = sub.add_parser("status", help="state of every centre and where 999 calls go")

@@ -39,6 +39,13 @@ class Tokens(Protocol):
     def load(self, tokens: tuple[Token, ...], environ: Mapping[str, str]) -> None: ...
 
 
+class Certificates(Protocol):
+    """The listener's TLS certificates (router.http.tls): reread on every reload, or
+    ConfigError, keeping the ones in use."""
+
+    def reload(self) -> None: ...
+
+
 @dataclass
 class Runtime:
     config: RouterConfig
@@ -52,25 +59,33 @@ class Runtime:
     audit: AuditLog | None = None
     publisher: Publisher | None = None
     started: RouterConfig = field(init=False)  # what the RESTART_ONLY settings still are
+    certificates: Certificates | None = None  # set while serving HTTPS
 
     def __post_init__(self) -> None:
         self.started = self.config
 
-    def reload(self) -> Reloaded:
+    def reload(self, *, source: str = "manager") -> Reloaded:
         """Validate the config file again and swap it in whole, or raise and keep the old one.
 
         The desk goes first: building new CAD adapters is the last thing that can refuse.
         Nothing awaits between the swaps below, so no request sees half of each config.
+        Applied or refused, the reload is audited with `source`: who asked (`SIGHUP`, or the
+        manager's principal, `manager:TOKEN_ENV`).
         """
         if self.config_path is None:  # the demo builds its config in memory
-            raise ConfigError([ConfigIssue("(none)", 0, "(file)",
-                                           "started without a config file: nothing to reload")])
+            nothing = ConfigError([ConfigIssue(
+                "(none)", 0, "(file)", "started without a config file: nothing to reload")])
+            self._audit_refused(source, nothing)
+            raise nothing
         try:
             config = load_config(self.config_path)
+            if self.certificates is not None:  # renewed files; before any swap, as it may refuse
+                self.certificates.reload()
             if self.desk is not None:
                 self._reconfigure_desk(self.desk, config)
-        except ConfigError:
+        except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("refused").inc()
+            self._audit_refused(source, exc)
             raise
         self.config = config
         self.calls.reconfigure(config)
@@ -80,15 +95,27 @@ class Runtime:
         self.tokens.load(config.service.tokens, self.environ)
         if self.mqtt is not None:
             self.mqtt.reconfigure(config.mqtt, self.environ)
-        if self.audit is not None:
-            self.audit.move(Path(config.service.audit_log))
+        waiting = restart_required(self.started, config)
+        if self.audit is not None:  # in the old file, which names the new one if it moves
+            audit_log = Path(config.service.audit_log)
+            moves = {"audit_log": str(audit_log)} if audit_log != self.audit.path else {}
+            self.audit.event("reload", source=source, reason="applied", outcome="applied",
+                             config=str(self.config_path), forces=list(config.forces),
+                             restart_required=waiting, **moves)
+            self.audit.move(audit_log)
         metrics.CONFIG_RELOADS.labels("applied").inc()
         log.info("config reloaded from %s: %d forces", self.config_path, len(config.forces))
-        waiting = restart_required(self.started, config)
         if waiting:
             log.warning("config reloaded, but these settings only change on a restart: %s",
                         ", ".join(waiting))
         return Reloaded(config, waiting)
+
+    def _audit_refused(self, source: str, exc: ConfigError) -> None:
+        if self.audit is not None:
+            self.audit.event("reload", source=source,
+                             reason="refused: the new config is invalid; the running one stays",
+                             outcome="refused", config=str(self.config_path),
+                             issues=[str(i) for i in exc.issues])
 
     def _reconfigure_desk(self, desk: HandoffDesk, config: RouterConfig) -> None:
         try:

@@ -77,9 +77,10 @@ async def in_test_client(config_path: Path) -> AsyncIterator[Running]:
 
 
 @contextlib.asynccontextmanager
-async def running_service(config_path: Path) -> AsyncIterator[Running]:
+async def running_service(config_path: Path,
+                          env: dict[str, str] | None = None) -> AsyncIterator[Running]:
     config = load_config(config_path)
-    service = RouterApp(config, config_path, environ())
+    service = RouterApp(config, config_path, environ() if env is None else env)
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(service.run("127.0.0.1", 0, stop, ready.set_result))

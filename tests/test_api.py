@@ -172,6 +172,7 @@ async def test_override_and_clear(api: Running) -> None:
     assert status == 200 and body["cleared"] is True
     status, body = await api.call("DELETE", "/v1/forces/met/override", "manager")
     assert status == 200 and body["cleared"] is False
+    assert await asyncio.to_thread(api.service.audit.sync)  # the writer thread has written it
     audit = (api.config_path.parent / "audit.jsonl").read_text()
     assert "shift change" in audit
 

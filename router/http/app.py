@@ -30,7 +30,9 @@ from router.handoff.desk import HandoffDesk, open_desk
 from router.http import calls, dashboard, forces, handoffs, openapi, ops
 from router.http.auth import TOKENS, TokenBook
 from router.http.errors import MAX_BODY_BYTES, errors_middleware
+from router.http.server import RouterRunner
 from router.http.state import RUNTIME
+from router.http.tls import listener_context
 from router.infra.audit import AuditLog
 from router.infra.mqtt_link import MqttLink
 from router.runtime import Runtime
@@ -81,6 +83,12 @@ class RouterApp:
         self._halt = asyncio.Event()  # set when one has: the service stops, and run() raises
 
     def publish_alert(self, alert: dict[str, Any]) -> None:
+        """The handoff desk's alerts: on MQTT, and escalations into the audit chain too."""
+        if alert.get("kind") == "handoff_escalated":
+            self.audit.event("escalation", force=alert.get("to"), source="handoff desk",
+                             reason=f"{alert.get('priority')} handoff {alert.get('handoff_id')} "
+                                    f"not delivered within {alert.get('deadline_s')} s",
+                             alert=alert)
         if self.mqtt is not None:
             self.mqtt.publish("alerts", alert)
 
@@ -88,14 +96,17 @@ class RouterApp:
                   started: Callable[[int], Awaitable[None] | None] | None = None) -> None:
         # no per-request access log: a synchronous write per call is too dear at 999 rates;
         # overflow_http_requests_total counts requests instead
-        runner = web.AppRunner(self.app, handle_signals=False,
-                               shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+        runner = RouterRunner(self.app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                              access_log=None,
+                              header_timeout_s=self.config.service.listen.header_timeout_s)
         try:
             await runner.setup()  # opens the parts, in order
-            site = web.TCPSite(runner, host, port)
+            tls = listener_context(self.runtime)  # None: plain HTTP
+            site = web.TCPSite(runner, host, port, ssl_context=tls)
             await site.start()
             self.port = _bound_port(site)
-            log.info("overflow-router serving on http://%s:%d/", host, self.port)
+            log.info("overflow-router serving on %s://%s:%d/", "https" if tls else "http",
+                     host, self.port)
             if started is not None:
                 result = started(self.port)
                 if asyncio.iscoroutine(result):
@@ -114,7 +125,8 @@ class RouterApp:
         try:
             yield
         finally:
-            self.audit.close()  # last: everything before it may still audit
+            # last: everything before it may still audit. The final fsync blocks: off the loop
+            await asyncio.to_thread(self.audit.close)
 
     async def _mqtt_link(self, app: web.Application) -> AsyncIterator[None]:
         if self.mqtt is None:
@@ -241,7 +253,7 @@ def install_signals(stop: asyncio.Event, reload: Callable[[], None]) -> None:
 def _reload_on_hup(runtime: Runtime) -> Callable[[], None]:
     def reload() -> None:
         try:
-            runtime.reload()
+            runtime.reload(source="SIGHUP")
         except ConfigError as exc:
             log.error("SIGHUP reload refused; keeping the running config:\n%s", exc)
 

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.engine.calls import CallConflict
 from router.engine.model import DecisionRecord, Service
 from router.http.auth import require
-from router.http.errors import fail, read_json, validate
+from router.http.errors import CallId, OneLine, fail, query_params, read_json, validate
 from router.http.state import known_force, runtime
 
 
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    call_id: str = Field(min_length=1, max_length=256)
+    call_id: CallId
     service: Service
     origin: str = Field(min_length=1, max_length=32)
-    caller: str | None = Field(default=None, max_length=64)
+    caller: Annotated[OneLine, Field(max_length=64)] | None = None
+
+
+class CallRef(BaseModel):
+    """A call named in a path."""
+
+    model_config = ConfigDict(frozen=True)
+    call_id: CallId
 
 
 def _route(request: web.Request, body: RouteRequest) -> DecisionRecord:
@@ -38,7 +47,7 @@ async def post_route(request: web.Request) -> web.Response:
 @require("telephony")
 async def get_route(request: web.Request) -> web.Response:
     """The query form, for SIP proxies that cannot send a body; format=text is the URI alone."""
-    query = dict(request.query)
+    query = query_params(request)
     fmt = query.pop("format", "json")
     if fmt not in ("json", "text"):
         fail(400, "invalid", f"format: must be json or text, got {fmt!r}", "format")
@@ -50,7 +59,8 @@ async def get_route(request: web.Request) -> web.Response:
 
 @require("telephony")
 async def end_call(request: web.Request) -> web.Response:
-    runtime(request).calls.end(request.match_info["call_id"])
+    call = validate(CallRef, {"call_id": request.match_info["call_id"]})
+    runtime(request).calls.end(call.call_id)
     return web.Response(status=204)
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from router.engine.model import CentreState, Service
 from router.engine.rules import HomeShare, diversion_json
 from router.http.auth import PRINCIPAL, require
-from router.http.errors import read_json
+from router.http.errors import OneLine, read_json
 from router.http.state import known_force, runtime
 from router.runtime import Runtime
 
@@ -18,7 +18,7 @@ from router.runtime import Runtime
 class OverrideRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     state: CentreState
-    reason: str = Field(min_length=1, max_length=500)
+    reason: Annotated[OneLine, Field(min_length=1, max_length=500)]  # one audit log line
     expires_in_s: Annotated[float, Field(gt=0, le=7 * 86400)] | None = None
 
     @field_validator("state")

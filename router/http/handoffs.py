@@ -1,20 +1,28 @@
 """HTTP handlers for incident handoffs: parse, call the desk, serialise.
 
-A partner's token speaks for one force: it may hand over incidents `from` that force only.
+A partner's token speaks for one force: it may hand over incidents `from` that force only,
+and read the handoffs from or to that force only; any other is "not found" to it, so ids of
+other forces' handoffs do not leak. Viewers and managers read them all. A partner whose token
+names a signing key must sign each handoff (router.http.signing).
 """
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from router.config import FORCE_ID
 from router.handoff.desk import HandoffDesk
-from router.handoff.incident import Incident, Status, UnknownDestination
+from router.handoff.incident import HandoffConflict, Incident, Status, UnknownDestination
+from router.handoff.store import StoreError
 from router.http.auth import PRINCIPAL, Principal, require
-from router.http.errors import fail, read_json, validate
+from router.http.errors import fail, parse_body, query_params, read_body, validate
+from router.http.signing import SignatureError, verify
 
 
 class DeskHolder(Protocol):
@@ -33,13 +41,15 @@ class OpenDesk:
 
 
 HANDOFFS = web.AppKey[DeskHolder]("handoffs")
+HANDOFF_ID = re.compile(r"[0-9a-f]{32}")  # as handoff_id() makes them
+MAX_LIMIT = 1000  # handoffs in one listing
 
 
 class HandoffQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     status: Status | None = None
-    to: Annotated[str, Field(min_length=1, max_length=32)] | None = None
-    limit: Annotated[int, Field(ge=1, le=1000)] = 100
+    to: Annotated[str, Field(pattern=FORCE_ID)] | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = 100
 
 
 def _desk(request: web.Request) -> HandoffDesk:
@@ -51,8 +61,14 @@ def _desk(request: web.Request) -> HandoffDesk:
 
 @require("partner")
 async def post_handoff(request: web.Request) -> web.Response:
-    incident = await read_json(request, Incident)
     principal: Principal = request[PRINCIPAL]
+    raw = await read_body(request)
+    if principal.signing_key is not None:  # over the exact bytes, before anything reads them
+        try:
+            verify(principal.signing_key, request.headers, raw, now=time.time())
+        except SignatureError as exc:
+            fail(401, exc.code, exc.message)
+    incident = parse_body(raw, Incident)
     if incident.from_ != principal.force:
         fail(403, "forbidden", f"from: partner:{principal.force} may only hand over its own "
              f"incidents, not {incident.from_!r}'s", "from")
@@ -61,22 +77,43 @@ async def post_handoff(request: web.Request) -> web.Response:
         handoff, created = await desk.submit(incident)
     except UnknownDestination as exc:
         fail(400, "unknown_force", str(exc), "to")
+    except HandoffConflict as exc:
+        fail(409, "conflict", str(exc), exc.fields[0])
+    except StoreError:  # logged by the store; the partner may retry
+        fail(503, "unavailable", "the handoff could not be stored; try again")
     return web.json_response(handoff, status=202 if created else 200,
                              headers={"Location": f"/v1/handoffs/{handoff['id']}"})
 
 
-@require("viewer")
+def _party(request: web.Request) -> str | None:
+    """The force a partner's token limits its reading to; None for viewers and managers."""
+    principal: Principal = request[PRINCIPAL]
+    return principal.force if principal.role == "partner" else None
+
+
+def _involves(handoff: dict[str, Any], force: str | None) -> bool:
+    return force is None or force in (handoff["from"], handoff["to"])
+
+
+@require("viewer", "partner")
 async def get_handoff(request: web.Request) -> web.Response:
-    found = await _desk(request).get(request.match_info["id"])
-    if found is None:
-        fail(404, "not_found", f"no handoff {request.match_info['id']!r}")
+    hid = request.match_info["id"]
+    well_formed = HANDOFF_ID.fullmatch(hid) is not None
+    found = await _desk(request).get(hid) if well_formed else None
+    if found is None or not _involves(found, _party(request)):
+        fail(404, "not_found", f"no handoff {hid}" if well_formed else "no handoff has that id")
     return web.json_response(found)
 
 
-@require("viewer")
+@require("viewer", "partner")
 async def list_handoffs(request: web.Request) -> web.Response:
-    query = validate(HandoffQuery, dict(request.query))
-    handoffs = await _desk(request).query(status=query.status, to=query.to, limit=query.limit)
+    query = validate(HandoffQuery, query_params(request))
+    party = _party(request)
+    # The desk filters by destination only: a partner's view is filtered here, from as many
+    # rows as a listing may hold
+    fetch = query.limit if party is None else MAX_LIMIT
+    rows = await _desk(request).query(status=query.status, to=query.to, limit=fetch)
+    handoffs = [h for h in rows if _involves(h, party)][:query.limit]
     return web.json_response({"handoffs": handoffs, "count": len(handoffs)})
 
 

@@ -1,137 +1,392 @@
 """The OpenAPI description served at /openapi.json, derived from the pydantic models that
 validate requests and the typed records the handlers answer with, so it cannot drift from
-what the service accepts and says."""
+what the service accepts and says. tests/test_contract.py holds the service to it.
+
+Where a handler builds its answer as a plain dict, the shape is written here once as a
+TypedDict (reusing the enums and models it carries) and the schema is derived from that."""
 
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired
 
 from aiohttp import web
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
+from typing_extensions import TypedDict  # pydantic reads only this one before Python 3.12
 
 from router import __version__
-from router.engine.model import DecisionRecord
-from router.handoff.incident import Incident
+from router.config import Priority
+from router.engine.model import CentreState, DecisionRecord, Reason, Service
+from router.engine.rules import Cause
+from router.handoff.incident import Incident, Status, handoff_id
+from router.http.auth import IMPLIED
 from router.http.calls import RouteRequest
+from router.http.errors import MAX_BODY_BYTES
 from router.http.forces import OverrideRequest
+from router.http.handoffs import HANDOFF_ID, HandoffQuery
 from router.http.ops import Reloaded
+from router.http.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER
+from router.watch.evidence import EvidenceMode
+from router.watch.probes import Outcome
+from router.watch.telemetry import Telemetry
 
 REF = "#/components/schemas/{model}"
-ERROR = {
-    "type": "object",
-    "required": ["error", "message"],
-    "properties": {"error": {"type": "string"}, "message": {"type": "string"},
-                   "field": {"type": "string"}},
+
+# router.infra.timefmt.iso: every timestamp the router writes ends in Z
+Timestamp = Annotated[str, Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$",
+                                 json_schema_extra={"format": "date-time"})]
+Count = Annotated[int, Field(ge=0)]
+
+
+class Error(TypedDict):
+    """Every 4xx and 5xx: the contract's error, naming the field at fault when there is one."""
+
+    error: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    message: Annotated[str, Field(min_length=1)]
+    field: NotRequired[str]
+
+
+class ConfigInvalid(Error):
+    issues: Annotated[list[str], Field(min_length=1, description="FILE:LINE: key: message")]
+
+
+# ---- a centre as router.watch.status.centre_status shows it --------------------------------
+
+class Declaration(TypedDict):
+    state: CentreState
+    reason: str
+    source: str
+    declared_at: Timestamp
+    expires_at: Timestamp | None
+
+
+class TelemetrySeen(TypedDict):
+    last: Telemetry
+    age_s: Annotated[float, Field(ge=0)]
+    stale: bool
+
+
+class ProbeSeen(TypedDict):
+    ok: bool
+    outcome: Outcome
+    latency_s: Annotated[float, Field(ge=0)]
+    detail: str
+    at: Timestamp
+
+
+class CentreStatus(TypedDict):
+    state: CentreState
+    since: Timestamp
+    reason: str
+    source: str
+    telephony_up: bool | None  # null while unknown
+    cad_up: bool | None
+    telemetry: TelemetrySeen | None
+    override: Declaration | None
+    held_until: Timestamp | None
+    probes: dict[str, ProbeSeen]
+    evidence: EvidenceMode
+
+
+class Declared(CentreStatus):
+    force: str
+
+
+class Cleared(Declared):
+    cleared: bool
+
+
+# ---- GET /v1/forces and /v1/routing-table (router.http.forces) --------------------------------
+
+class Diversion(TypedDict):
+    cause: Cause | None
+    share_diverted: Annotated[float, Field(ge=0, le=1)]
+    reason: Reason
+    rule: str
+
+
+class Capacity(TypedDict):
+    handlers_on_duty: Count
+    overflow_queue: Count
+    max_queue: Count
+
+
+class ForceView(CentreStatus):
+    name: str
+    diverting: bool
+    diversion: Diversion | None
+    headline: str
+    calls_in_flight: Count
+    calls_in_flight_by_service: dict[Service, Count]
+    aid_in_flight: Count
+    capacity: Capacity
+    headroom: dict[Literal["aid_999", "aid_101"], int]
+
+
+class Forces(TypedDict):
+    forces: dict[str, ForceView]
+    fail_static: bool
+
+
+class Share(TypedDict):
+    destination: str
+    share: Annotated[float, Field(ge=0, le=1)]
+    reason: Reason
+    rule: str
+
+
+class RoutingTable(TypedDict):
+    routing: dict[str, dict[Service, list[Share]]]
+
+
+# ---- handoffs (router.handoff.desk.handoff_json) ----------------------------------------------
+
+class HistoryEntry(TypedDict):
+    at: Timestamp
+    status: Status
+    detail: NotRequired[str]
+
+
+Handoff = TypedDict("Handoff", {  # `from` is a keyword: the functional form
+    "id": str, "incident_id": str, "from": str, "to": str, "priority": Priority,
+    "status": Status, "attempts": Count, "accepted_at": Timestamp, "updated_at": Timestamp,
+    "reason": NotRequired[str], "escalated_at": NotRequired[Timestamp],
+    "delivered_at": NotRequired[Timestamp], "incident": Incident,
+    "history": list[HistoryEntry]})
+
+
+class HandoffList(TypedDict):
+    handoffs: list[Handoff]
+    count: Count
+
+
+# ---- operations (router.http.ops) -------------------------------------------------------------
+
+class Alive(TypedDict):
+    status: Literal["ok"]
+
+
+class Ready(TypedDict):
+    status: Literal["ready"]
+
+
+class Waiting(TypedDict):
+    status: Literal["waiting"]
+    no_evidence_yet: Annotated[list[str], Field(min_length=1)]
+
+
+REQUESTS: tuple[type[BaseModel], ...] = (RouteRequest, OverrideRequest, Incident, HandoffQuery)
+RESPONSES: dict[str, Any] = {
+    "Decision": DecisionRecord, "Reloaded": Reloaded, "Error": Error,
+    "ConfigInvalid": ConfigInvalid, "Forces": Forces, "RoutingTable": RoutingTable,
+    "Declared": Declared, "Cleared": Cleared, "Handoff": Handoff, "HandoffList": HandoffList,
+    "Alive": Alive, "Ready": Ready, "Waiting": Waiting,
 }
 
 
+def _rename(node: Any, names: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: (REF.format(model=names.get(v.rpartition("/")[2], v.rpartition("/")[2]))
+                    if k == "$ref" else _rename(v, names)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rename(v, names) for v in node]
+    return node
+
+
 def _schemas() -> dict[str, Any]:
-    """Each schema under its component name, with the models it refers to hoisted beside it."""
-    derived: dict[str, dict[str, Any]] = {
-        "Decision": TypeAdapter(DecisionRecord).json_schema(ref_template=REF),
-        "Reloaded": TypeAdapter(Reloaded).json_schema(ref_template=REF),
-        **{model.__name__: model.model_json_schema(ref_template=REF)
-           for model in (RouteRequest, OverrideRequest, Incident)},
-    }
-    schemas: dict[str, Any] = {"Error": ERROR}
-    for name, schema in derived.items():
-        schemas.update(schema.pop("$defs", {}))
-        schemas[name] = schema
+    """Requests in validation mode, responses in serialization mode, in one pass so a model
+    used both ways (Incident) gets one name per mode if they differ; each response under the
+    name the paths use (DecisionRecord is `Decision`)."""
+    inputs = [(m.__name__, "validation", TypeAdapter(m)) for m in REQUESTS] + [
+        (name, "serialization", TypeAdapter(tp)) for name, tp in RESPONSES.items()]
+    refs, defs = TypeAdapter.json_schemas(inputs, ref_template=REF)
+    names = {refs[(name, "serialization")]["$ref"].rpartition("/")[2]: name
+             for name in RESPONSES}
+    schemas = {names.get(k, k): v for k, v in defs.get("$defs", {}).items()}
+    return _rename(_declarable(schemas), names)  # type: ignore[no-any-return]
+
+
+def _declarable(schemas: dict[str, Any]) -> dict[str, Any]:
+    """OverrideRequest's validator refuses `unknown` (only ever inferred); say so as an enum."""
+    states = [s.value for s in CentreState if s is not CentreState.UNKNOWN]
+    schemas["OverrideRequest"]["properties"]["state"] = {
+        "allOf": [{"$ref": REF.format(model="CentreState")}], "enum": states}
     return schemas
 
 
-def _body(model: type[BaseModel]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+# ---- paths ------------------------------------------------------------------------------------
+
+# only for partners whose token names a signing key (router.http.signing)
+SIGNATURE = [
+    {"name": TIMESTAMP_HEADER, "in": "header", "required": False,
+     "description": "Unix seconds when the body was signed; within 300 s of the router's clock",
+     "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"}},
+    {"name": SIGNATURE_HEADER, "in": "header", "required": False,
+     "description": "sha256=HEX: HMAC-SHA256 with the partner's key over TIMESTAMP.BODY",
+     "schema": {"type": "string"}},
+]
+
+WHY = {"400": "invalid request; `field` names what is wrong", "401": "missing or unknown token",
+       "403": "the token's role may not do this", "404": "no such resource",
+       "408": "the body did not arrive in time",
+       "413": f"body over {MAX_BODY_BYTES} bytes, or over the token's own `max_body_bytes`",
+       "429": "the token is over its rate limit; `Retry-After` says when to try again"}
 
 
-def _op(summary: str, role: str | None, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {
-        code: ({"description": text} if isinstance(text, str) else text)
-        for code, text in responses.items()}}
-    if role:
+def _content(schema: str | dict[str, Any], media: str = "application/json") -> dict[str, Any]:
+    ref = {"$ref": REF.format(model=schema)} if isinstance(schema, str) else schema
+    return {media: {"schema": ref}}
+
+
+def _op(summary: str, roles: tuple[str, ...], ok: dict[str, Any], errors: dict[str, str],
+        **extra: Any) -> dict[str, Any]:
+    """An operation: its successes as given, every error as the contract's Error, a body's
+    own errors where it has one, and, given the roles its handler requires, behind a bearer
+    token (401 without one, 403 with another role's); `x-roles` lists every role let in."""
+    if "requestBody" in extra:
+        errors = {"400": WHY["400"], "408": WHY["408"], "413": WHY["413"], **errors}
+    if roles:
+        errors = {"401": WHY["401"], "403": WHY["403"], "429": WHY["429"], **errors}
+    responses = {**ok, **{code: {"description": text, "content": _content("Error")}
+                          for code, text in errors.items()}}
+    if "429" in responses:
+        responses["429"]["headers"] = {"Retry-After": {
+            "description": "seconds", "schema": {"type": "integer", "minimum": 1}}}
+    op: dict[str, Any] = {"summary": summary, "responses": dict(sorted(responses.items()))}
+    if roles:
         op["security"] = [{"bearer": []}]
-        op["x-role"] = role
-    for code in ("400", "401", "403", "404", "409", "413"):
-        if code in op["responses"]:
-            op["responses"][code] = {"description": op["responses"][code]["description"],
-                                     "content": {"application/json": {
-                                         "schema": {"$ref": "#/components/schemas/Error"}}}}
-    op.update(extra)
-    return op
+        op["x-roles"] = sorted(set().union(*(IMPLIED[role] for role in roles)))
+    return op | extra
 
 
-def _json(schema: dict[str, Any] | str, text: str) -> dict[str, Any]:
-    ref = {"$ref": f"#/components/schemas/{schema}"} if isinstance(schema, str) else schema
-    return {"description": text, "content": {"application/json": {"schema": ref}}}
+def _ok(text: str, schema: str | dict[str, Any] | None = None, **more: Any) -> dict[str, Any]:
+    return {"description": text, **({"content": _content(schema)} if schema else {}), **more}
 
 
-def _query(*names: str) -> list[dict[str, Any]]:
-    return [{"name": n, "in": "query", "required": n in ("call_id", "service", "origin"),
-             "schema": {"type": "string"}} for n in names]
+def _body(model: type[BaseModel], example: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {
+        "schema": {"$ref": REF.format(model=model.__name__)}, "example": example}}}
+
+
+def _query(model: type[BaseModel], schemas: dict[str, Any],
+           example: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A model's fields as query parameters; an optional field is simply left out, so the
+    `null` pydantic allows for it has no query form."""
+    example = example or {}
+    schema = schemas[model.__name__]
+    out = []
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        branches = [b for b in prop.pop("anyOf", []) if b != {"type": "null"}]
+        if branches:
+            prop.update(branches[0] if len(branches) == 1 else {"anyOf": branches})
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        param = {"name": name, "in": "query", "required": name in schema.get("required", []),
+                 "schema": prop}
+        out.append(param | ({"example": example[name]} if name in example else {}))
+    return out
+
+
+def _path(name: str, schema: dict[str, Any], example: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema, "example": example}
+
+
+ROUTE = {"call_id": "c-1", "service": "999", "origin": "met"}
+INCIDENT: dict[str, Any] = {
+    "incident_id": "KNT-2025-0001", "from": "kent", "to": "met", "priority": "P1",
+    "service": "999", "opened_at": "2025-03-25T22:28:00Z", "location": {"lat": 51.5, "lon": -0.12},
+    "category": "assault", "summary": "caller reports an assault in progress"}
+
+
+def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
+    call_id = schemas["RouteRequest"]["properties"]["call_id"]  # the same rule as the body's
+    force = [_path("force", {"type": "string", "minLength": 1}, "met")]
+    unknown_force = {"404": "unknown force"}
+    location = {"Location": {"description": "the handoff's URL", "schema": {"type": "string"}}}
+    route_format = {"name": "format", "in": "query", "required": False,
+                    "schema": {"enum": ["json", "text"], "default": "json"}}
+    decision = {"description": "the decision (format=text: only the SIP URI)",
+                "content": {**_content("Decision"), **_content({"type": "string"}, "text/plain")}}
+    return {
+        "/v1/route": {
+            "post": _op("Decide where a call goes", ("telephony",), {"200": _ok(
+                "the decision", "Decision")}, {"409": "call_id already routed differently"},
+                requestBody=_body(RouteRequest, ROUTE)),
+            "get": _op("Decide where a call goes (query form, for SIP proxies)", ("telephony",),
+                       {"200": decision}, {"400": WHY["400"],
+                                           "409": "call_id already routed differently"},
+                       parameters=[*_query(RouteRequest, schemas, ROUTE), route_format]),
+        },
+        "/v1/calls/{call_id}/end": {"post": _op(
+            "Free a call's capacity (idempotent)", ("telephony",), {"204": _ok("ended")},
+            {"400": WHY["400"], "404": WHY["404"]},
+            parameters=[_path("call_id", call_id, "c-1")])},
+        "/v1/forces": {"get": _op("Live state, telemetry, calls in flight, headroom", ("viewer",),
+                                  {"200": _ok("per force", "Forces")}, {})},
+        "/v1/routing-table": {"get": _op("Current shares per origin and service", ("viewer",),
+                                         {"200": _ok("per origin and service", "RoutingTable")},
+                                         {})},
+        "/v1/forces/{force}/override": {
+            "put": _op("Declare a centre's state (audited)", ("manager",),
+                       {"200": _ok("declared", "Declared")},
+                       unknown_force,
+                       requestBody=_body(OverrideRequest, {"state": "down", "reason": "CAD fault",
+                                                           "expires_in_s": 3600}),
+                       parameters=force),
+            "delete": _op("End a declaration", ("manager",), {"200": _ok("cleared", "Cleared")},
+                          unknown_force, parameters=force),
+        },
+        "/v1/handoffs": {
+            "post": _op("Hand an incident to another force's CAD", ("partner",), {
+                "202": _ok("accepted (new)", "Handoff", headers=location),
+                "200": _ok("a duplicate of one accepted before", "Handoff", headers=location)},
+                {"401": "missing or unknown token; or, for a partner that signs, a missing "
+                        "(`signature_required`), wrong (`bad_signature`) or old "
+                        "(`stale_signature`) signature",
+                 "403": "not the token's own force, or not a partner",
+                 "409": "this (from, incident_id) was accepted before with other content",
+                 "503": "the handoff desk is starting, or could not store it"},
+                requestBody=_body(Incident, INCIDENT), parameters=SIGNATURE),
+            "get": _op("Handoffs by status and destination; a partner sees its own force's",
+                       ("viewer", "partner"),
+                       {"200": _ok("the handoffs", "HandoffList")},
+                       {"400": WHY["400"], "503": "the handoff desk is starting"},
+                       parameters=_query(HandoffQuery, schemas)),
+        },
+        "/v1/handoffs/{id}": {"get": _op(
+            "One handoff with its history", ("viewer", "partner"),
+            {"200": _ok("the handoff", "Handoff")},
+            {"404": "no such handoff (or, to a partner, not its force's)",
+             "503": "the handoff desk is starting"},
+            parameters=[_path("id", {"type": "string", "pattern": f"^{HANDOFF_ID.pattern}$"},
+                              handoff_id(INCIDENT["from"], INCIDENT["incident_id"]))])},
+        "/v1/admin/reload": {"post": _op(
+            "Reload the config file; an invalid one is refused and the old one stays",
+            ("manager",), {"200": _ok("reloaded", "Reloaded"), "422": _ok(
+                "invalid config, old one kept", "ConfigInvalid")}, {})},
+        "/metrics": {"get": _op("Prometheus metrics", (), {"200": {
+            "description": "text exposition", "content": _content({"type": "string"},
+                                                                  "text/plain")}}, {})},
+        "/healthz": {"get": _op("Liveness", (), {"200": _ok("alive", "Alive")}, {})},
+        "/readyz": {"get": _op("Readiness: every centre has evidence", (), {
+            "200": _ok("ready", "Ready"), "503": _ok("waiting for evidence", "Waiting")}, {})},
+        "/openapi.json": {"get": _op("This document", (), {"200": _ok(
+            "OpenAPI 3.1", {"type": "object", "required": ["openapi", "paths"]})}, {})},
+        "/": {"get": _op("Control-room dashboard", (), {"200": {
+            "description": "HTML", "content": _content({"type": "string"}, "text/html")}}, {})},
+    }
 
 
 @cache
 def spec() -> dict[str, Any]:
-    auth = {"401": "missing or unknown token", "403": "role not allowed"}
-    force = [{"name": "force", "in": "path", "required": True, "schema": {"type": "string"}}]
-    paths = {
-        "/v1/route": {
-            "post": _op("Decide where a call goes", "telephony",
-                        {"200": _json("Decision", "the decision"), "400": "invalid request",
-                         "409": "call_id already routed differently", **auth},
-                        requestBody=_body(RouteRequest)),
-            "get": _op("Decide where a call goes (query form; format=text gives only the SIP URI)",
-                       "telephony", {"200": _json("Decision", "the decision, or text/plain URI"),
-                                     "400": "invalid request", **auth},
-                       parameters=_query("call_id", "service", "origin", "caller", "format")),
-        },
-        "/v1/calls/{call_id}/end": {"post": _op(
-            "Free a call's capacity (idempotent)", "telephony", {"204": "ended", **auth},
-            parameters=[{"name": "call_id", "in": "path", "required": True,
-                         "schema": {"type": "string"}}])},
-        "/v1/forces": {"get": _op("Live state, telemetry, calls in flight, headroom", "viewer",
-                                  {"200": "per force", **auth})},
-        "/v1/routing-table": {"get": _op("Current shares per origin and service", "viewer",
-                                         {"200": "per origin and service", **auth})},
-        "/v1/forces/{force}/override": {
-            "put": _op("Declare a centre's state (audited)", "manager",
-                       {"200": "declared", "400": "invalid body", "404": "unknown force", **auth},
-                       requestBody=_body(OverrideRequest), parameters=force),
-            "delete": _op("End a declaration", "manager",
-                          {"200": "cleared", "404": "unknown force", **auth}, parameters=force),
-        },
-        "/v1/handoffs": {
-            "post": _op("Hand an incident to another force's CAD", "partner",
-                        {"202": "accepted (new)", "200": "duplicate of an accepted one",
-                         "400": "invalid incident", "403": "not your force", "413": "too large",
-                         **auth}, requestBody=_body(Incident)),
-            "get": _op("Handoffs by status and destination", "viewer",
-                       {"200": "list", "400": "invalid query", **auth},
-                       parameters=_query("status", "to", "limit")),
-        },
-        "/v1/handoffs/{id}": {"get": _op(
-            "One handoff with its history", "viewer", {"200": "handoff", "404": "unknown",
-                                                      **auth},
-            parameters=[{"name": "id", "in": "path", "required": True,
-                         "schema": {"type": "string"}}])},
-        "/v1/admin/reload": {"post": _op("Reload the config; an invalid one is refused",
-                                         "manager", {"200": _json("Reloaded", "reloaded"),
-                                                     "422": "invalid config, old one kept",
-                                                     **auth})},
-        "/metrics": {"get": _op("Prometheus metrics", None, {"200": "text exposition"})},
-        "/healthz": {"get": _op("Liveness", None, {"200": "alive"})},
-        "/readyz": {"get": _op("Readiness: every centre has evidence", None,
-                               {"200": "ready", "503": "waiting for evidence"})},
-        "/": {"get": _op("Control-room dashboard", None, {"200": "HTML"})},
-    }
+    schemas = _schemas()
     return {
         "openapi": "3.1.0",
         "info": {"title": "overflow-router", "version": __version__,
                  "description": "Automatic failover of 999 and 101 calls between forces."},
-        "paths": paths,
-        "components": {"schemas": _schemas(),
+        "paths": _paths(schemas),
+        "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
 

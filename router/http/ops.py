@@ -12,7 +12,7 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 
 from router.config import ConfigError
 from router.engine.model import CentreState
-from router.http.auth import require
+from router.http.auth import PRINCIPAL, require
 from router.http.state import runtime
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class Reloaded(TypedDict):  # the OpenAPI schema is derived from it
 @require("manager")
 async def post_reload(request: web.Request) -> web.Response:
     try:
-        reloaded = runtime(request).reload()
+        reloaded = runtime(request).reload(source=f"manager:{request[PRINCIPAL].env}")
     except ConfigError as exc:
         log.error("config reload refused; keeping the running config:\n%s", exc)
         return web.json_response(

@@ -4,7 +4,9 @@
 `run` connects, subscribes every registered pattern, sends the queue and dispatches messages,
 and on any loss reconnects with exponential backoff and jitter (tenacity). Topics are given
 relative to the configured prefix (`state/met` → `overflow/state/met`). `reconfigure` (a config
-reload) moves the link to new broker settings by reconnecting.
+reload) moves the link to new broker settings by reconnecting. With `mqtt.tls` the link speaks
+TLS 1.2 or later, checks the broker's certificate and name, and may present its own; a reload
+rereads those files, for the next connection.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import aiomqtt
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from router.config import Mqtt
+from router.config.schema import MqttTls
 from router.infra.listeners import Listeners, Unsubscribe
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,9 @@ class MqttLink:
         self.dropped = 0  # messages dropped because the queue was full while disconnected
 
     def _apply(self, settings: Mqtt, environ: Mapping[str, str]) -> None:
+        tls = _tls_context(settings.tls) if settings.tls is not None else None  # may raise
         self.settings = settings
+        self._tls = tls
         self.prefix = settings.prefix
         self._username = environ.get(settings.username_env) if settings.username_env else None
         self._password = environ.get(settings.password_env) if settings.password_env else None
@@ -77,7 +83,11 @@ class MqttLink:
         """Take new broker settings (host, port, credentials, prefix); True if they differ.
         The link reconnects with them at once; queued messages go to the new broker."""
         before = (self.settings, self._username, self._password)
-        self._apply(settings, environ)
+        try:
+            self._apply(settings, environ)
+        except (OSError, ValueError) as exc:  # files changed since the config was validated
+            log.error("MQTT TLS files cannot be loaded (%s); keeping the running settings", exc)
+            return False
         if (self.settings, self._username, self._password) == before:
             return False
         log.info("MQTT settings changed: moving to %s:%d", settings.host, settings.port)
@@ -140,7 +150,7 @@ class MqttLink:
         client = aiomqtt.Client(
             self.settings.host, self.settings.port, username=self._username,
             password=self._password, identifier=self._client_id, timeout=CONNECT_TIMEOUT_S,
-            keepalive=KEEPALIVE_S)
+            keepalive=KEEPALIVE_S, tls_context=self._tls)
         established = False
         lost: BaseException | None = None
         try:
@@ -228,6 +238,19 @@ class MqttLink:
         if state.attempt_number == 1:  # once per outage, not once per attempt
             log.warning("MQTT broker %s:%d unreachable (%s); retrying with backoff",
                         self.settings.host, self.settings.port, state.outcome.exception())
+
+
+def _tls_context(settings: MqttTls) -> ssl.SSLContext:
+    """Verify the broker against `ca_file` (and its name against `mqtt.host`)."""
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.cert_file is not None and settings.key_file is not None:
+        context.load_cert_chain(settings.cert_file, settings.key_file, password=_no_password)
+    return context
+
+
+def _no_password() -> bytes:
+    raise ValueError("the key is encrypted (the router takes unencrypted keys only)")
 
 
 def _reraise_lost_cancellation() -> None:

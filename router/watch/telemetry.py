@@ -34,7 +34,7 @@ class Telemetry(BaseModel):
     calls_waiting: NonNeg
     handlers_available: NonNeg
     handlers_on_duty: NonNeg
-    oldest_wait_s: Annotated[float, Field(ge=0)]
+    oldest_wait_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
     @field_validator("ts")
     @classmethod
@@ -58,12 +58,18 @@ def force_of(topic: str) -> str | None:
     return None
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def parse_telemetry(payload: bytes) -> Telemetry:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise TelemetryError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(payload, parse_constant=_no_constant)
+    except RecursionError:
+        raise TelemetryError("not JSON we read: nested too deeply") from None
+    except ValueError as exc:  # bad UTF-8 or JSON, NaN, an integer of thousands of digits
         raise TelemetryError(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise TelemetryError("not a JSON object")
