@@ -1,11 +1,12 @@
-"""Run every benchmark, or those named: `python -m bench [engine failover service handoff sip]`."""
+"""Run every benchmark, or those named:
+`python -m bench [engine failover service handoff sip sim]`."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-ALL = ("engine", "failover", "service", "handoff", "sip")
+ALL = ("engine", "failover", "service", "handoff", "sip", "sim")
 
 
 def main(argv: list[str]) -> int:

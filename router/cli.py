@@ -100,18 +100,38 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from router.tools.simulate import load_scenario, simulate
+    from router.tools import simulate as sim
 
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
     try:
-        scenario = load_scenario(args.scenario, cfg)
+        scenario = sim.load_scenario(args.scenario, cfg)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    report = simulate(cfg, scenario, seed=args.seed)
-    print(json.dumps(report.to_json()) if args.json else report.table())
+    strategies = args.strategy or list(sim.STRATEGIES)
+    if args.sweep is not None:
+        if args.seeds < 1:
+            print("--seeds: must be at least 1", file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            swept = sim.sweep(cfg, scenario, sim.parse_sweep(args.sweep),
+                              [args.seed + i for i in range(args.seeds)], strategies)
+        except sim.SweepError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_CONFIG
+        print(json.dumps(swept, allow_nan=False) if args.json else sim.sweep_table(swept))
+        return 0
+    report = sim.simulate(cfg, scenario, seed=args.seed, strategies=strategies)
+    data = report.to_json()
+    if args.html is not None:
+        try:
+            Path(args.html).write_text(sim.render_html(report), encoding="utf-8")
+        except OSError as exc:
+            print(f"--html: cannot write {args.html}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(data, allow_nan=False) if args.json else report.table(data))
     return 0
 
 
@@ -200,11 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="simultaneous calls to decide")
     p.set_defaults(func=cmd_route)
 
-    p = sub.add_parser("simulate", help="virtual-time replay of call arrivals and outages")
+    p = sub.add_parser("simulate", help="how long callers wait on a bad night: the router, "
+                       "diversion by hand, and none, on the same callers")
     p.add_argument("--config", required=True)
     p.add_argument("--scenario", required=True, help="a scenario YAML, see scenarios/")
     p.add_argument("--seed", type=int, default=0, help="same seed, same report")
     p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained page of charts")
+    p.add_argument("--strategy", action="append", choices=["overflow-router", "manual", "none"],
+                   help="only these (repeatable); default all three")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                   help="run each value of a numeric config or scenario key over --seeds seeds")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per value of a sweep (from --seed)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("run", help="the service")
