@@ -21,9 +21,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    Protocol,
+    TypeVar,
+    runtime_checkable,
+)
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,7 @@ BUILTIN: Mapping[str, str] = {
     "mqtt": "adapters.mqtt:MqttAdapter",
     "spool": "adapters.spool:SpoolAdapter",
     "sim": "adapters.sim:SimAdapter",
+    "ucri2": "adapters.ucri2:Ucri2Adapter",
 }
 
 
@@ -93,9 +103,58 @@ class AdapterConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Answer:
+    """What people at the destination said of a handoff, after its CAD took it: a dispatcher
+    accepted or rejected it (`acknowledgement`), later it was closed (`completion`). The
+    UCRI2 `incident_transfer_police` shape; any adapter that hears it passes it on through
+    `AdapterContext.answer`."""
+
+    handoff_id: str
+    kind: Literal["acknowledgement", "completion"]
+    outcome: Literal["accepted", "rejected", "completed", "aborted"]
+    at: float | None = None  # epoch seconds when the person answered; None: when received
+    by: str = ""  # who: the dispatcher's name or identifier
+    cause: str = ""  # why it was rejected (required then)
+    note: str = ""
+    reference: str = ""  # the destination CAD's own incident number
+
+
+# which outcomes each kind of answer may have
+OUTCOMES: Mapping[str, tuple[str, ...]] = {"acknowledgement": ("accepted", "rejected"),
+                                           "completion": ("completed", "aborted")}
+
+
+def cause_given(cause: str, outcome: object, name: str = "cause") -> str:
+    """For inbound answers' validators: a rejection must say why."""
+    if outcome == "rejected" and not cause.strip():
+        raise ValueError(f"a rejection needs a {name}: the sender must know why")
+    return cause
+
+
+class AnswerRefused(Exception):
+    """An answer the router will not record: `code` says why (`not_found`, `forbidden`,
+    `not_delivered`, `conflict`, `invalid`), `str()` says it for people."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# Records an answer durably (and tells the sender) before returning; raises AnswerRefused.
+AnswerSink = Callable[[Answer], Awaitable[None]]
+
+
+async def _no_answers(answer: Answer) -> None:
+    raise AnswerRefused("invalid", "this router takes no answers from adapters here")
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterContext:
     force: str  # the destination force this adapter delivers to
     spool_dir: Path  # the router's spool folder (handoff.spool_dir)
+    # where answers heard by the adapter go; the router checks they concern this force's
+    # handoffs only (a destination answers for what was sent to it)
+    answer: AnswerSink = _no_answers
 
 
 @runtime_checkable
@@ -105,6 +164,67 @@ class Adapter(Protocol):
 
     async def aclose(self) -> None:
         """Release connections; the adapter is not used again."""
+
+
+@runtime_checkable
+class Updates(Protocol):
+    """An adapter that also tells its force's CAD how the handoffs that force *sent* are
+    going (delivered, acknowledged, rejected, completed, escalated): optional."""
+
+    async def update(self, status: Mapping[str, Any]) -> None:
+        """One transition, as `overflow/handoffs/{from}/status` carries it; raise
+        AdapterUnavailable when worth retrying."""
+
+
+@runtime_checkable
+class Listens(Protocol):
+    """An adapter that hears answers on a channel of its own (a listener, a subscription, a
+    link it keeps open): optional. `start` opens that channel without waiting for a first
+    delivery, so answers to handoffs sent before a restart still arrive. Idempotent, and it
+    never raises for an unreachable peer: it keeps trying until `aclose`."""
+
+    async def start(self) -> None: ...
+
+
+# How an HTTP-like peer hears that its answer was not recorded (EIDO's statusCode too).
+REFUSAL_STATUS: Mapping[str, int] = {"not_found": 404, "forbidden": 403, "not_delivered": 409,
+                                     "conflict": 409, "invalid": 400}
+
+
+def _storable(value: str) -> str:
+    if "\x00" in value:  # neither store can hold NUL; refused where it enters
+        raise ValueError("must not contain a NUL character (U+0000)")
+    return value
+
+
+# Free text a destination sends with an answer (cause, note, who, reference): bounded, storable.
+AnswerText = Annotated[str, Field(max_length=1000), AfterValidator(_storable)]
+
+
+def first_problem(exc: ValidationError) -> tuple[str, str]:
+    """The first thing wrong with an inbound message: (the field's dotted path, why)."""
+    error = exc.errors()[0]
+    field = ".".join(str(p) for p in error["loc"]) or "(body)"
+    message = "required" if error["type"] == "missing" else str(error["msg"])
+    return field, message.removeprefix("Value error, ")
+
+
+# An answer can overtake the record of its own delivery: the CAD acknowledges the delivery,
+# and a fast dispatcher (or a simulated one) answers before the desk has stored `delivered`.
+# `not_delivered` is therefore tried again for a moment before it counts as a refusal.
+NOT_YET_DELIVERED_WAITS_S = (0.1, 0.2, 0.4, 0.8, 1.5)
+
+
+async def pass_answer(sink: AnswerSink, answer: Answer) -> None:
+    """Hand `answer` to the router, waiting out the race above; raises AnswerRefused."""
+    for wait in (*NOT_YET_DELIVERED_WAITS_S, None):
+        try:
+            await sink(answer)
+            return
+        except AnswerRefused as exc:
+            if exc.code != "not_delivered" or wait is None:
+                raise
+        await asyncio.sleep(wait)
 
 
 class AdapterFactory(Protocol):
@@ -151,6 +271,24 @@ class Reconnecting(Generic[L]):
         link, self._link = self._link, None
         if link is not None:
             await link.close()
+
+    async def keep(self, what: str, check_s: float = 1.0, retry_s: float = 5.0) -> None:
+        """Keep a link open until cancelled, for adapters whose peer talks first (answers
+        arrive on the link). Logs the loss once and the recovery once, not every retry."""
+        failing = False
+        while True:
+            try:
+                await self.get()
+            except AdapterUnavailable as exc:
+                if not failing:
+                    log.warning("%s unreachable, retrying every %ss: %s", what, retry_s, exc)
+                failing = True
+                await asyncio.sleep(retry_s)
+                continue
+            if failing:
+                log.info("%s reachable again", what)
+            failing = False
+            await asyncio.sleep(check_s)
 
 
 class Replies:

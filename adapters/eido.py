@@ -13,6 +13,23 @@ outcome, and an answer without a readable `statusCode` is worth another attempt.
 
 The transaction id is the handoff's idempotency key, so a CAD that sees a retry can tell.
 `eido_document` is also used by the http_json adapter.
+
+Answers from people (an extension of ours: STA-024 carries no dispatcher's decision). Later, on
+the same conveyance, the CAD sends an `incidentStatus` naming the handoff by the
+`transactionId` of its event:
+
+    {"incidentStatus": {"requestId": R, "transactionId": KEY, "status": S,
+                        "statusTimestamp": ISO 8601 with zone, "agentIdentifier": WHO,
+                        "reasonText": WHY, "noteText": NOTE, "incidentReference": REF}}
+
+`status` `accepted` or `rejected` is the dispatcher's acknowledgement (`reasonText` required
+when rejected), `completed` or `aborted` the completion; `agentIdentifier` → by,
+`statusTimestamp` → at (absent: when received), `reasonText` → cause, `noteText` → note,
+`incidentReference` → reference. The router answers `incidentStatusResponse` with the same
+`requestId` and `transactionId` and a `statusCode`: 200 recorded, 400 malformed (`statusText`
+names the field), 404 unknown handoff, 403 not sent to this CAD, 409 not yet delivered or
+contradicting an earlier answer. `start()` keeps the conveyance open between deliveries, so
+answers to handoffs sent before a restart are still heard.
 """
 
 from __future__ import annotations
@@ -23,23 +40,38 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
 
 import aiohttp
-from pydantic import Field
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from adapters.base import (
+    REFUSAL_STATUS,
     Ack,
     AdapterContext,
     AdapterOptions,
     AdapterUnavailable,
+    Answer,
+    AnswerRefused,
+    AnswerText,
     Delivery,
     Outcome,
     Reconnecting,
     Refusal,
     Replies,
+    cause_given,
     excerpt,
+    first_problem,
+    pass_answer,
 )
 from router.infra.timefmt import iso
 
@@ -100,6 +132,36 @@ def eido_document(delivery: Delivery, sender: str = "overflow-router") -> dict[s
     return doc
 
 
+class IncidentStatus(BaseModel):
+    """A CAD's `incidentStatus`: what a person there decided about a handoff."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)  # CADs may say more; it is unused
+
+    transactionId: uuid.UUID  # the event's: the handoff id
+    status: Literal["accepted", "rejected", "completed", "aborted"]
+    statusTimestamp: AwareDatetime | None = None
+    agentIdentifier: AnswerText = ""
+    reasonText: AnswerText = Field(default="", validate_default=True)
+    noteText: AnswerText = ""
+    incidentReference: AnswerText = ""
+
+    @field_validator("reasonText")
+    @classmethod
+    def _reason_for_rejection(cls, reason: str, info: ValidationInfo) -> str:
+        return cause_given(reason, info.data.get("status"), "reasonText")
+
+    def answer(self) -> Answer:
+        kind: Literal["acknowledgement", "completion"] = (
+            "acknowledgement" if self.status in ("accepted", "rejected") else "completion")
+        return Answer(self.transactionId.hex, kind, self.status,
+                      at=self.statusTimestamp.timestamp() if self.statusTimestamp else None,
+                      by=self.agentIdentifier, cause=self.reasonText, note=self.noteText,
+                      reference=self.incidentReference)
+
+
+StatusHandler = Callable[[Any], Awaitable[Mapping[str, Any]]]
+
+
 class EidoOptions(AdapterOptions):
     url: str = Field(pattern=r"^wss?://")
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -112,11 +174,13 @@ class _Link:
     """One live WebSocket with a subscription: sends events, matches eventResponses."""
 
     def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
-                 subscription_id: str):
+                 subscription_id: str, on_status: StatusHandler):
         self.session = session
         self.ws = ws
         self.subscription_id = subscription_id
         self.replies = Replies()
+        self.on_status = on_status
+        self.answering: set[asyncio.Task[None]] = set()  # incidentStatus being recorded
         self.reader = asyncio.create_task(self._read(), name="eido-reader")
 
     @property
@@ -142,6 +206,11 @@ class _Link:
                     self.replies.answer(str(response.get("transactionId")), response)
                 elif isinstance(data, dict) and "subscribe" in data:
                     await self._answer_subscribe(data["subscribe"])
+                elif isinstance(data, dict) and "incidentStatus" in data:
+                    # recorded aside: a slow store must not hold up eventResponses
+                    task = asyncio.create_task(self._answer_status(data["incidentStatus"]))
+                    self.answering.add(task)
+                    task.add_done_callback(self.answering.discard)
         finally:
             self.replies.fail_all(AdapterUnavailable("EIDO WebSocket closed"))
 
@@ -151,6 +220,11 @@ class _Link:
         await self.ws.send_json({"subscribeResponse": {
             "requestId": request_id, "subscriptionId": self.subscription_id,
             "statusCode": 200, "statusText": "OK"}})
+
+    async def _answer_status(self, request: Any) -> None:
+        reply = await self.on_status(request)
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            await self.ws.send_json({"incidentStatusResponse": dict(reply)})
 
     async def event(self, transaction_id: str, eido: Mapping[str, Any]) -> Mapping[str, Any]:
         done = self.replies.expect(transaction_id)
@@ -164,8 +238,11 @@ class _Link:
 
     async def close(self) -> None:
         self.reader.cancel()
+        for task in self.answering:
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.reader
+        await asyncio.gather(*self.answering, return_exceptions=True)
         await self.ws.close()
         await self.session.close()
 
@@ -177,6 +254,31 @@ class EidoAdapter:
         self.options = options
         self.context = context
         self._links = Reconnecting(self._open)
+        self._keeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Keep the conveyance open between deliveries: answers arrive on it (Listens)."""
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(
+                self._links.keep(f"EIDO conveyance of {self.context.force}"),
+                name=f"eido-keep-{self.context.force}")
+
+    async def _on_status(self, request: Any) -> Mapping[str, Any]:
+        """Record one incidentStatus; what to answer the CAD."""
+        ids = request if isinstance(request, dict) else {}
+        reply: dict[str, Any] = {"requestId": ids.get("requestId"),
+                                 "transactionId": ids.get("transactionId")}
+        try:
+            answer = IncidentStatus.model_validate(request).answer()
+        except ValidationError as exc:
+            field, message = first_problem(exc)
+            return {**reply, "statusCode": 400, "statusText": f"{field}: {message}"}
+        try:
+            await pass_answer(self.context.answer, answer)
+        except AnswerRefused as exc:
+            return {**reply, "statusCode": REFUSAL_STATUS.get(exc.code, 400),
+                    "statusText": excerpt(str(exc))}
+        return {**reply, "statusCode": 200, "statusText": "OK"}
 
     async def _open(self) -> _Link:
         opts = self.options
@@ -193,7 +295,7 @@ class EidoAdapter:
             if not isinstance(sub, dict):
                 await ws.close()
                 raise AdapterUnavailable(f"EIDO peer did not subscribe (sent {request!r:.80})")
-            link = _Link(session, ws, f"sub-{uuid.uuid4()}")
+            link = _Link(session, ws, f"sub-{uuid.uuid4()}", self._on_status)
             await link._answer_subscribe(sub)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             await session.close()
@@ -223,6 +325,11 @@ class EidoAdapter:
         raise AdapterUnavailable(f"EIDO eventResponse {code} {text}".strip())
 
     async def aclose(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
         await self._links.close()
 
 

@@ -1,12 +1,12 @@
 """Run every benchmark, or those named:
-`python -m bench [engine failover service handoff sip sim]`."""
+`python -m bench [engine failover service handoff acknowledge sip sim]`."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-ALL = ("engine", "failover", "service", "handoff", "sip", "sim")
+ALL = ("engine", "failover", "service", "handoff", "acknowledge", "sip", "sim")
 
 
 def main(argv: list[str]) -> int:

@@ -278,4 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.count < 1:
             parser.error("--count must be at least 1")
     func: Command = args.func
-    return func(args)
+    try:
+        return func(args)
+    except BrokenPipeError:  # `validate ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

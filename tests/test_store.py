@@ -81,11 +81,29 @@ async def test_changes_append_history_and_stamps(store: HandoffStore) -> None:
 
 async def test_a_final_status_is_final(store: HandoffStore) -> None:
     await store.insert(handoff(3))
-    await store.record(StatusChange("h00003", "delivered", 2000.0, "ack", delivered_at=2000.0))
+    await store.record(StatusChange("h00003", "failed", 2000.0, "refused", reason="no"))
     await store.record(StatusChange("h00003", "escalated", 2001.0, "late", escalated_at=2001.0))
     got = await store.get("h00003")
-    assert got is not None and got.status == "delivered" and got.escalated_at is None
+    assert got is not None and got.status == "failed" and got.escalated_at is None
     assert len(got.history) == 2
+
+
+async def test_people_s_answers_keep_their_words_and_an_offer_readdresses(
+        store: HandoffStore) -> None:
+    await store.insert(handoff(4))
+    await store.record(StatusChange("h00004", "delivered", 10.0, "ack", delivered_at=10.0))
+    await store.record(StatusChange("h00004", "offered", 20.0, "rejected; offered to essex",
+                                    data={"by": "PS 42 \x00", "cause": "not ours",
+                                          "to": "essex"}, to_force="essex"))
+    got = await store.get("h00004")
+    assert got is not None and (got.status, got.to_force, got.delivered_at) == (
+        "offered", "essex", None)  # to be delivered afresh, to the next partner
+    assert got.history[-1].data == {"by": "PS 42 \ufffd", "cause": "not ours", "to": "essex"}
+    await store.record(StatusChange("h00004", "delivered", 30.0, "ack", delivered_at=30.0))
+    await store.record(StatusChange("h00004", "completed", 40.0, data={"outcome": "aborted"}))
+    await store.record(StatusChange("h00004", "acknowledged", 50.0))  # after final: refused
+    got = await store.get("h00004")
+    assert got is not None and (got.status, got.delivered_at) == ("completed", 30.0)
 
 
 async def test_recording_on_an_unknown_handoff_raises(store: HandoffStore) -> None:
@@ -104,8 +122,11 @@ async def test_query_filters_and_unfinished(store: HandoffStore) -> None:
     assert [h.id for h in await store.query(status="accepted", to="essex")] == ["h00000",
                                                                                 "h00004"]
     assert len(await store.query(limit=2)) == 2
-    assert [h.id for h in await store.unfinished()] == ["h00000", "h00003", "h00004",
-                                                        "h00005"]
+    assert [h.id for h in await store.unfinished(0.0)] == ["h00000", "h00001", "h00003",
+                                                           "h00004", "h00005"]
+    # delivered before `awaiting_since`: no longer watched for an answer
+    assert [h.id for h in await store.unfinished(6.0)] == ["h00000", "h00003", "h00004",
+                                                           "h00005"]
 
 
 async def test_concurrent_writes_are_group_committed(store: HandoffStore) -> None:

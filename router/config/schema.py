@@ -432,6 +432,11 @@ class Handoff(Strict):
         "P3": 1800.0,
         "P4": 7200.0,
     }
+    # after delivery, a dispatcher must accept or reject within this, or it escalates
+    ack_deadlines_s: dict[Priority, PosFloat] = {"P1": 120.0, "P2": 600.0}
+    # a rejected handoff goes back to its sender (final), or on to the destination's next
+    # overflow partner for its service that has not seen it (then back, once none is left)
+    on_reject: Literal["return", "next_partner"] = "return"
     max_concurrency: Annotated[int, Field(ge=1)] = 8
     retry: HandoffRetry = HandoffRetry()
 

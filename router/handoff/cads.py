@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters import base as adapters
-from adapters.base import Adapter, AdapterContext
+from adapters.base import Adapter, AdapterContext, AnswerSink
 from router.config import Cad, RouterConfig
 
 log = logging.getLogger(__name__)
@@ -23,18 +23,20 @@ def spec_of(config: RouterConfig, force: str) -> Spec:
     return config.forces[force].cad, config.handoff.spool_dir
 
 
-def build_adapters(config: RouterConfig, forces: Iterable[str] | None = None
-                   ) -> dict[str, Adapter]:
+def build_adapters(config: RouterConfig, forces: Iterable[str] | None = None,
+                   answer_for: Callable[[str], AnswerSink] | None = None) -> dict[str, Adapter]:
     """One adapter per force (or per force named), its options validated now (raises
-    AdapterConfigError naming every force at fault, one `forces.X.cad: ...` a line)."""
+    AdapterConfigError naming every force at fault, one `forces.X.cad: ...` a line).
+    `answer_for(force)`: where the adapter passes what the force's dispatchers answer."""
     spool = Path(config.handoff.spool_dir)
     built = {}
     problems = []
     for force in config.forces if forces is None else forces:
         spec = config.forces[force]
         try:
-            built[force] = adapters.build(spec.cad.adapter, spec.cad.options,
-                                          AdapterContext(force, spool))
+            context = (AdapterContext(force, spool, answer_for(force)) if answer_for
+                       else AdapterContext(force, spool))
+            built[force] = adapters.build(spec.cad.adapter, spec.cad.options, context)
         except adapters.AdapterConfigError as exc:
             problems.append(f"forces.{force}.cad: {exc}")
     if problems:
@@ -50,9 +52,21 @@ class CadLease:
     spec: Spec | None  # None: built by someone who did not say from what
     users: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while users == 0
+    listening: bool = False  # its answer channel has been opened (adapters.base.Listens)
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    async def listen(self) -> None:
+        """Open the adapter's answer channel, if it has one, without waiting for a first
+        delivery: answers to handoffs sent before a restart must still be heard."""
+        if not self.listening:
+            self.listening = True
+            if isinstance(self.adapter, adapters.Listens):
+                try:
+                    await self.adapter.start()
+                except Exception:  # a plug-in's fault must not take the desk down
+                    log.exception("%r could not open its answer channel", self.adapter)
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[Adapter]:

@@ -12,7 +12,14 @@ back to the home force through `POST /v1/handoffs`. The desk:
 - holds a destination's backlog (`held`) while its CAD is down and probes it (`breaker`), then
   drains it with at most `handoff.max_concurrency` deliveries in flight, so a CAD coming back
   is not stampeded;
-- escalates a handoff that misses its priority's deadline (`escalation`).
+- escalates a handoff that misses its priority's deadline (`escalation`);
+- records what the destination's people answer (`answers`): a dispatcher accepting or
+  rejecting it, then its completion, from the HTTP callbacks or any adapter that hears them,
+  escalating a delivered handoff nobody answers in time and sending a rejected one back or on
+  (`handoff.on_reject`);
+- tells the sender of every step (`notices`): the router's `notify` callback (MQTT
+  `overflow/handoffs/{from}/status`, the sender's `notify_url`) and the sender's own CAD
+  adapter where it takes updates.
 
 A config reload (`reconfigure`) applies new deadlines, retries, concurrency limits, spool
 folder and CAD adapters while handoffs are in flight: a replaced adapter is closed only once the
@@ -34,8 +41,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from adapters.base import Adapter
+from adapters.base import Adapter, Answer, AnswerRefused, AnswerSink
 from router.config import Handoff, RouterConfig
+from router.handoff.answering import Answering
+from router.handoff.answers import ANSWERED, next_partner, since_offer
 from router.handoff.cads import CadLease, Cads, build_adapters, spec_of
 from router.handoff.delivery import Courier
 from router.handoff.escalation import Alert, Escalator
@@ -48,13 +57,21 @@ from router.handoff.incident import (
     handoff_id,
 )
 from router.handoff.live import Journal, Live
-from router.handoff.store import HandoffStore, HistoryEntry, StoredHandoff, open_store
+from router.handoff.notices import Notices, Notify, status_message
+from router.handoff.store import (
+    HandoffStore,
+    HistoryEntry,
+    StoredHandoff,
+    open_store,
+)
 from router.infra import metrics
 from router.infra.timefmt import iso
 
 log = logging.getLogger(__name__)
 
 CadUp = Callable[[str], bool]
+
+AWAIT_RESUME_S = 86_400.0  # a restart resumes watching answers for handoffs delivered since
 
 
 def handoff_json(h: StoredHandoff) -> dict[str, Any]:
@@ -70,9 +87,14 @@ def handoff_json(h: StoredHandoff) -> dict[str, Any]:
         out["escalated_at"] = iso(h.escalated_at)
     if h.delivered_at is not None:
         out["delivered_at"] = iso(h.delivered_at)
+    for kind, statuses in ANSWERED.items():  # the current destination's answers
+        entry = next((e for e in reversed(since_offer(h.history)) if e.status in statuses),
+                     None)
+        if entry is not None:
+            out[kind] = {"at": iso(entry.at), **entry.data}
     out["incident"] = h.incident
-    out["history"] = [{"at": iso(e.at), "status": e.status, **({"detail": e.detail}
-                                                                 if e.detail else {})}
+    out["history"] = [{"at": iso(e.at), "status": e.status,
+                       **({"detail": e.detail} if e.detail else {}), **e.data}
                       for e in h.history]
     return out
 
@@ -84,21 +106,26 @@ class HandoffDesk:
 
     def __init__(self, settings: Handoff, store: HandoffStore, adapters_by_force: Mapping[
             str, Adapter], *, alert: Alert, cad_up: CadUp, clock: Callable[[], float] = time.time,
-                 built_from: RouterConfig | None = None):
+                 built_from: RouterConfig | None = None, notify: Notify | None = None):
         """`built_from`: the config the adapters were built from, so that a reload rebuilds
-        only those whose spec changed (without it, the first reload rebuilds them all)."""
+        only those whose spec changed (without it, the first reload rebuilds them all), and
+        where a rejected handoff may go next. `notify`: hears each step a sender is told of."""
         self.store = store
         self.cad_up = cad_up
         self.clock = clock
         self.settings = settings
-        self._journal = Journal(store, clock)
+        self.config = built_from
+        self._journal = Journal(store, clock, told=self._told)
         self._live: dict[str, Live] = {}
         self._cads = Cads()
         self._couriers: dict[str, Courier] = {}
         for force, adapter in adapters_by_force.items():
             self._add(force, CadLease(adapter, spec_of(built_from, force) if built_from else None))
-        self._escalator = Escalator(settings, self._journal, self._live, alert=alert,
-                                    clock=clock)
+        self._notices = Notices(notify, self._adapter_of)
+        self._answering = Answering(store, self._notices, alert=alert, clock=clock,
+                                    next_to=self._next_to, track=self._track)
+        self._escalator = Escalator(settings, self._journal, self._live,
+                                    self._answering.awaiting, alert=alert, clock=clock)
         self._reconfigured = asyncio.Event()  # `run` has workers to start or adapters to close
 
     @property
@@ -122,8 +149,9 @@ class HandoffDesk:
         """
         changed = [force for force in config.forces if force not in self._couriers
                    or self._couriers[force].cad.spec != spec_of(config, force)]
-        built = build_adapters(config, changed)
+        built = build_adapters(config, changed, self.sink_for)
         self.settings = config.handoff
+        self.config = config
         for force, adapter in built.items():
             cad = CadLease(adapter, spec_of(config, force))
             if force in self._couriers:
@@ -184,6 +212,45 @@ class HandoffDesk:
                 "accepted", differ)
         return handoff_json(existing), False
 
+    # -- what people answer ---------------------------------------------------------------------
+
+    def sink_for(self, force: str) -> AnswerSink:
+        """Where `force`'s adapter passes its dispatchers' answers."""
+        async def sink(answer: Answer) -> None:
+            await self.answer(answer, force)
+        return sink
+
+    async def answer(self, answer: Answer, force: str) -> dict[str, Any]:
+        """Record an answer from `force` (the handoff's destination) and return the handoff.
+        Raises AnswerRefused, StoreError."""
+        return handoff_json(await self._answering.answer(answer, force))
+
+    def _next_to(self, h: StoredHandoff) -> str | None:
+        """Where a rejected handoff goes on to: None to send it back."""
+        if self.settings.on_reject != "next_partner" or self.config is None:
+            return None
+        to = next_partner(self.config, h)
+        courier = self._couriers.get(to) if to is not None else None
+        return to if courier is not None and not courier.removed else None
+
+    def _told(self, item: Live, status: Status, entry: HistoryEntry) -> None:
+        """A delivery-side step is durable: tell the sender; a delivered handoff now awaits a
+        dispatcher's answer."""
+        self._notices.tell(status_message(item.id, item.incident, item.to, item.priority,
+                                          entry))
+        if status == Status.DELIVERED:
+            self._await_answer(Live(item.id, item.to, item.priority, item.accepted_at,
+                                    item.incident, status, item.attempts,
+                                    delivered_at=entry.at))
+
+    def _await_answer(self, item: Live) -> None:
+        self._answering.awaiting[item.id] = item
+        self._escalator.watch(item, "acknowledgement")
+
+    def _adapter_of(self, force: str) -> CadLease | None:
+        courier = self._couriers.get(force)
+        return courier.cad if courier is not None else None
+
     async def get(self, hid: str) -> dict[str, Any] | None:
         found = await self.store.get(hid)
         return handoff_json(found) if found else None
@@ -214,9 +281,15 @@ class HandoffDesk:
     # -- running --------------------------------------------------------------------------------
 
     async def resume(self) -> int:
-        """Load every unfinished handoff from the store (after a restart); returns how many."""
-        rows = await self.store.unfinished()
+        """Load every unfinished handoff from the store (after a restart), and those delivered
+        within a day still awaiting a dispatcher; returns how many."""
+        rows = await self.store.unfinished(self.clock() - AWAIT_RESUME_S)
         for h in rows:
+            if h.delivered_at is not None:  # delivered: awaits an answer, nothing to deliver
+                self._await_answer(Live(h.id, h.to_force, h.priority, h.accepted_at,
+                                        h.incident, Status(h.status), h.attempts,
+                                        delivered_at=h.delivered_at))
+                continue
             if h.to_force not in self._couriers:
                 log.error("handoff %s is for %r, no longer configured; left as is", h.id,
                           h.to_force)
@@ -233,6 +306,7 @@ class HandoffDesk:
         added forces and the closing of replaced adapters."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._escalator.run(), name="handoff-escalator")
+            tg.create_task(self._notices.run(), name="handoff-notices")
             while True:
                 self._reconfigured.clear()
                 for courier in self._couriers.values():
@@ -240,6 +314,9 @@ class HandoffDesk:
                         courier.staffed = True
                         tg.create_task(self._staff(courier),
                                        name=f"handoff-worker-{courier.force}")
+                    if not courier.cad.listening:  # new, or replaced by a reload
+                        tg.create_task(courier.cad.listen(),
+                                       name=f"handoff-listen-{courier.force}")
                 for cad in self._cads.take_retired():
                     tg.create_task(self._cads.close_when_idle(cad), name="handoff-adapter-close")
                 await self._reconfigured.wait()
@@ -266,17 +343,29 @@ class HandoffDesk:
 
 @contextlib.asynccontextmanager
 async def open_desk(config: RouterConfig, *, alert: Alert, cad_up: CadUp,
-                    clock: Callable[[], float] = time.time) -> AsyncIterator[HandoffDesk]:
+                    clock: Callable[[], float] = time.time,
+                    notify: Notify | None = None) -> AsyncIterator[HandoffDesk]:
     """Open the store and adapters, resume unfinished handoffs, run the workers; on exit
     (normal, error or cancellation) stop the workers, then commit and close everything."""
-    built = build_adapters(config)  # before any I/O: a bad option fails the start at once
+    opened: list[HandoffDesk] = []  # adapters are built before the desk they answer to
+
+    def answer_for(force: str) -> AnswerSink:
+        async def sink(answer: Answer) -> None:
+            if not opened:
+                raise AnswerRefused("unavailable", "the handoff desk is starting")
+            await opened[0].answer(answer, force)
+        return sink
+
+    # before any I/O: a bad option fails the start at once
+    built = build_adapters(config, answer_for=answer_for)
     async with contextlib.AsyncExitStack() as stack:
         async with contextlib.AsyncExitStack() as until_owned:
             for adapter in built.values():
                 until_owned.push_async_callback(adapter.aclose)
             store = await stack.enter_async_context(open_store(config.handoff.store))
             desk = HandoffDesk(config.handoff, store, built, alert=alert, cad_up=cad_up,
-                               clock=clock, built_from=config)
+                               clock=clock, built_from=config, notify=notify)
+            opened.append(desk)
             stack.push_async_callback(desk.aclose)  # the desk owns the adapters from here
             until_owned.pop_all()
         await desk.resume()

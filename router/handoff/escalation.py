@@ -1,6 +1,7 @@
-"""Escalation of handoffs that miss their priority's deadline: status `escalated` (delivery
-keeps trying), a printable sheet for the control room, and an alert through the injected
-callback."""
+"""Escalation of handoffs that miss a deadline: for delivery (per priority, from acceptance)
+or for a dispatcher's answer (per priority, from delivery). Status `escalated` (delivery keeps
+trying; a late answer is still recorded), a printable sheet for the control room, and an alert
+through the injected callback."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import heapq
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from router.config import Handoff
 from router.handoff.incident import Status
@@ -21,65 +22,82 @@ from router.infra.timefmt import iso
 log = logging.getLogger(__name__)
 
 Alert = Callable[[dict[str, Any]], None]
+Waiting = Literal["delivery", "acknowledgement"]
 
 
 class Escalator:
-    """Watches the deadlines of the desk's live handoffs (`live`, by id); `run` in a task."""
+    """Watches the deadlines of the desk's live handoffs (`live`, by id: delivery) and of
+    those delivered and awaiting a dispatcher (`awaiting`, by id); `run` in a task."""
 
-    def __init__(self, settings: Handoff, journal: Journal, live: Mapping[str, Live], *,
-                 alert: Alert, clock: Callable[[], float]) -> None:
+    def __init__(self, settings: Handoff, journal: Journal, live: Mapping[str, Live],
+                 awaiting: Mapping[str, Live], *, alert: Alert,
+                 clock: Callable[[], float]) -> None:
         self.journal = journal
         self.alert = alert
         self.clock = clock
-        self._live = live
-        self._deadlines: list[tuple[float, str]] = []  # a heap of (due, handoff id)
+        self._watched: dict[Waiting, Mapping[str, Live]] = {"delivery": live,
+                                                            "acknowledgement": awaiting}
+        self._heaps: dict[Waiting, list[tuple[float, str]]] = {}  # (due, handoff id)
         self._wake = asyncio.Event()
         self.configure(settings)
 
     def configure(self, settings: Handoff) -> None:
         """New deadlines apply to every unfinished handoff, not just to those accepted next."""
         self.spool_dir = Path(settings.spool_dir)
-        self._deadline_s: dict[str, float] = {str(k): v for k, v in settings.deadlines_s.items()}
-        self._deadlines = [(item.accepted_at + self._deadline_s[item.priority], item.id)
-                           for item in self._live.values()
-                           if not item.escalated and item.priority in self._deadline_s]
-        heapq.heapify(self._deadlines)
+        self._limits: dict[Waiting, dict[str, float]] = {
+            "delivery": {str(k): v for k, v in settings.deadlines_s.items()},
+            "acknowledgement": {str(k): v for k, v in settings.ack_deadlines_s.items()}}
+        for waiting, items in self._watched.items():
+            self._heaps[waiting] = [due for item in items.values()
+                                    if (due := self._due(waiting, item)) is not None]
+            heapq.heapify(self._heaps[waiting])
         self._wake.set()
 
-    def watch(self, item: Live) -> None:
-        limit = self._deadline_s.get(item.priority)
-        if not item.escalated and limit is not None:
-            heapq.heappush(self._deadlines, (item.accepted_at + limit, item.id))
+    def _due(self, waiting: Waiting, item: Live) -> tuple[float, str] | None:
+        limit = self._limits[waiting].get(item.priority)
+        start = item.accepted_at if waiting == "delivery" else item.delivered_at
+        if item.escalated or limit is None or start is None:
+            return None
+        return start + limit, item.id
+
+    def watch(self, item: Live, waiting: Waiting = "delivery") -> None:
+        due = self._due(waiting, item)
+        if due is not None:
+            heapq.heappush(self._heaps[waiting], due)
             self._wake.set()
 
     async def run(self) -> None:
         while True:
             now = self.clock()
-            due = []
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, hid = heapq.heappop(self._deadlines)
-                item = self._live.get(hid)
-                if item is not None and not item.escalated and not item.done:
-                    due.append(item)
+            due: list[tuple[Waiting, Live]] = []
+            for waiting, heap in self._heaps.items():
+                while heap and heap[0][0] <= now:
+                    _, hid = heapq.heappop(heap)
+                    item = self._watched[waiting].get(hid)
+                    if item is not None and not item.escalated and not item.done:
+                        due.append((waiting, item))
             if due:
-                await asyncio.gather(*(self._escalate(item) for item in due))
-            wait = self._deadlines[0][0] - now if self._deadlines else MAX_IDLE_S
+                await asyncio.gather(*(self._escalate(item, waiting) for waiting, item in due))
+            nexts = [heap[0][0] for heap in self._heaps.values() if heap]
+            wait = min(nexts) - now if nexts else MAX_IDLE_S
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(max(wait, 0.0), MAX_IDLE_S)):
                     await self._wake.wait()
 
-    async def _escalate(self, item: Live) -> None:
+    async def _escalate(self, item: Live, waiting: Waiting) -> None:
         now = self.clock()
-        deadline = self._deadline_s.get(item.priority)  # a reload may have changed it since
-        if (item.done or item.id not in self._live or deadline is None
-                or now < item.accepted_at + deadline):
+        due = self._due(waiting, item)  # a reload may have changed the deadline since
+        if item.done or item.id not in self._watched[waiting] or due is None or now < due[0]:
             return
+        deadline = self._limits[waiting][item.priority]
         item.escalated = True
         before = item.status
+        what = ("not delivered" if waiting == "delivery"
+                else "delivered, but not accepted or rejected by a dispatcher")
         try:
             await self.journal.record(item, Status.ESCALATED,
-                                      f"not delivered within the {item.priority} deadline of "
+                                      f"{what} within the {item.priority} deadline of "
                                       f"{deadline:g}s (was {before})", escalated_at=now)
             html_path, csv_path = await asyncio.to_thread(write_sheet, self.spool_dir, Sheet(
                 item.id, item.incident, item.accepted_at, now, str(before), item.reason))
@@ -89,7 +107,8 @@ class Escalator:
         alert = {
             "kind": "handoff_escalated", "handoff_id": item.id,
             "incident_id": item.incident.get("incident_id"), "from": item.incident.get("from"),
-            "to": item.to, "priority": item.priority, "deadline_s": deadline,
+            "to": item.to, "priority": item.priority, "waiting_for": waiting,
+            "deadline_s": deadline,
             "age_s": round(now - item.accepted_at, 3), "delivery": str(before),
             "reason": item.reason, "at": iso(now),
             "sheet": str(html_path) if html_path.name else None,

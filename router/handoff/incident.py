@@ -96,16 +96,24 @@ class Incident(_Part):
 
 
 class Status(StrEnum):
+    """accepted → (held ⇄ delivering) → delivered (the CAD has it) → acknowledged (a
+    dispatcher took it) or rejected → completed. `escalated` marks a missed deadline, for
+    delivery or for a dispatcher's answer; `failed` is a CAD's permanent refusal."""
+
     ACCEPTED = "accepted"
     DELIVERING = "delivering"
     DELIVERED = "delivered"
     HELD = "held"
     ESCALATED = "escalated"
     FAILED = "failed"
+    ACKNOWLEDGED = "acknowledged"
+    REJECTED = "rejected"
+    OFFERED = "offered"  # rejected, and on its way to the next partner (`on_reject`)
+    COMPLETED = "completed"
 
 
 # Final: the store refuses any later change, and a restarted desk does not resume them.
-TERMINAL = frozenset({Status.DELIVERED, Status.FAILED})
+TERMINAL = frozenset({Status.FAILED, Status.REJECTED, Status.COMPLETED})
 
 
 def handoff_id(from_force: str, incident_id: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.handoff.incident import RANK, Status
-from router.handoff.store import HandoffStore, StatusChange
+from router.handoff.store import HandoffStore, HistoryEntry, StatusChange
 from router.infra import metrics
 
 MAX_IDLE_S = 1.0  # an idle loop re-checks the world at least this often
@@ -30,6 +30,11 @@ class Live:
     reason: str = ""
     done: bool = False  # its final status is being written: escalation must leave it alone
     finished: bool = False  # its final status is stored and the desk has let it go
+    delivered_at: float | None = None  # then it awaits a dispatcher's answer
+
+    @property
+    def sender(self) -> str:
+        return str(self.incident.get("from", ""))
 
     @property
     def order(self) -> tuple[int, float, str]:
@@ -37,12 +42,22 @@ class Live:
         return RANK[self.priority], self.accepted_at, self.id
 
 
-class Journal:
-    """Status changes, recorded through the store's group commit in the order they are made."""
+# what a handoff's sender hears of, as each is recorded
+TOLD = frozenset({Status.DELIVERED, Status.ESCALATED, Status.FAILED, Status.ACKNOWLEDGED,
+                  Status.REJECTED, Status.OFFERED, Status.COMPLETED})
 
-    def __init__(self, store: HandoffStore, clock: Callable[[], float]) -> None:
+Told = Callable[["Live", Status, HistoryEntry], None]
+
+
+class Journal:
+    """Status changes, recorded through the store's group commit in the order they are made;
+    `told` hears each one the sender is told of, once it is durable."""
+
+    def __init__(self, store: HandoffStore, clock: Callable[[], float],
+                 told: Told | None = None) -> None:
         self.store = store
         self.clock = clock
+        self.told = told
 
     def record_soon(self, item: Live, status: Status, detail: str, *,
                     reason: str | None = None, escalated_at: float | None = None,
@@ -58,5 +73,8 @@ class Journal:
     async def record(self, item: Live, status: Status, detail: str, *,
                      reason: str | None = None, escalated_at: float | None = None,
                      delivered_at: float | None = None) -> None:
+        at = self.clock()
         await self.record_soon(item, status, detail, reason=reason,
                                escalated_at=escalated_at, delivered_at=delivered_at)
+        if self.told is not None and status in TOLD:
+            self.told(item, status, HistoryEntry(at, status, detail))

@@ -3,7 +3,8 @@
 A partner's token speaks for one force: it may hand over incidents `from` that force only,
 and read the handoffs from or to that force only; any other is "not found" to it, so ids of
 other forces' handoffs do not leak. Viewers and managers read them all. A partner whose token
-names a signing key must sign each handoff (router.http.signing).
+names a signing key must sign each handoff (router.http.signing). The destination's partner
+token answers for what was sent to it (`acknowledgement`, `completion`), nobody else.
 """
 
 from __future__ import annotations
@@ -11,17 +12,26 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from adapters.base import Answer, AnswerRefused
 from router.config import FORCE_ID
 from router.handoff.desk import HandoffDesk
 from router.handoff.incident import HandoffConflict, Incident, Status, UnknownDestination
 from router.handoff.store import StoreError
 from router.http.auth import PRINCIPAL, Principal, require
-from router.http.errors import fail, parse_body, query_params, read_body, validate
+from router.http.errors import (
+    OneLine,
+    fail,
+    parse_body,
+    query_params,
+    read_body,
+    read_json,
+    validate,
+)
 from router.http.signing import SignatureError, verify
 
 
@@ -85,6 +95,71 @@ async def post_handoff(request: web.Request) -> web.Response:
                              headers={"Location": f"/v1/handoffs/{handoff['id']}"})
 
 
+class AcknowledgementRequest(BaseModel):
+    """A dispatcher at the destination accepts the handoff, or rejects it and says why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    outcome: Literal["accepted", "rejected"]
+    by: Annotated[OneLine, Field(min_length=1, max_length=200)]
+    at: AwareDatetime | None = None  # when the dispatcher answered; default: on receipt
+    # required with `rejected`
+    cause: Annotated[OneLine, Field(min_length=1, max_length=500)] | None = None
+    reference: Annotated[OneLine, Field(min_length=1, max_length=128)] | None = None
+
+
+class CompletionRequest(BaseModel):
+    """The incident is closed at the destination: completed, or aborted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    outcome: Literal["completed", "aborted"]
+    at: AwareDatetime | None = None
+    by: Annotated[OneLine, Field(min_length=1, max_length=200)] | None = None
+    note: Annotated[OneLine, Field(min_length=1, max_length=2000)] | None = None
+
+
+REFUSED = {"not_found": 404, "forbidden": 403, "not_delivered": 409, "conflict": 409,
+           "invalid": 400, "unavailable": 503}
+
+
+async def _answer(request: web.Request, answer: Answer) -> web.Response:
+    principal: Principal = request[PRINCIPAL]
+    try:
+        handoff = await _desk(request).answer(answer, str(principal.force))
+    except AnswerRefused as exc:  # naming the handoff, not the token, as what is wrong
+        fail(REFUSED.get(exc.code, 400), exc.code, str(exc),
+             "id" if exc.code in ("forbidden", "not_found") else None)
+    except StoreError:
+        fail(503, "unavailable", "the answer could not be stored; try again")
+    return web.json_response(handoff)
+
+
+def _answered_id(request: web.Request) -> str:
+    hid = request.match_info["id"]
+    if HANDOFF_ID.fullmatch(hid) is None:
+        fail(404, "not_found", "no handoff has that id")
+    return hid
+
+
+@require("partner")
+async def post_acknowledgement(request: web.Request) -> web.Response:
+    hid = _answered_id(request)
+    body = await read_json(request, AcknowledgementRequest)
+    if body.outcome == "rejected" and body.cause is None:
+        fail(400, "invalid", "cause: a rejection must say why", "cause")
+    return await _answer(request, Answer(
+        hid, "acknowledgement", body.outcome, body.at.timestamp() if body.at else None,
+        body.by, body.cause or "", "", body.reference or ""))
+
+
+@require("partner")
+async def post_completion(request: web.Request) -> web.Response:
+    hid = _answered_id(request)
+    body = await read_json(request, CompletionRequest)
+    return await _answer(request, Answer(
+        hid, "completion", body.outcome, body.at.timestamp() if body.at else None,
+        body.by or "", "", body.note or ""))
+
+
 def _party(request: web.Request) -> str | None:
     """The force a partner's token limits its reading to; None for viewers and managers."""
     principal: Principal = request[PRINCIPAL]
@@ -121,3 +196,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/handoffs", post_handoff)
     app.router.add_get("/v1/handoffs", list_handoffs)
     app.router.add_get("/v1/handoffs/{id}", get_handoff)
+    app.router.add_post("/v1/handoffs/{id}/acknowledgement", post_acknowledgement)
+    app.router.add_post("/v1/handoffs/{id}/completion", post_completion)

@@ -23,7 +23,12 @@ from router.http.auth import IMPLIED
 from router.http.calls import RouteRequest
 from router.http.errors import MAX_BODY_BYTES
 from router.http.forces import OverrideRequest
-from router.http.handoffs import HANDOFF_ID, HandoffQuery
+from router.http.handoffs import (
+    HANDOFF_ID,
+    AcknowledgementRequest,
+    CompletionRequest,
+    HandoffQuery,
+)
 from router.http.ops import Reloaded
 from router.http.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from router.watch.evidence import EvidenceMode
@@ -145,13 +150,35 @@ class HistoryEntry(TypedDict):
     at: Timestamp
     status: Status
     detail: NotRequired[str]
+    # what people said (acknowledged, rejected, offered, completed)
+    outcome: NotRequired[str]
+    by: NotRequired[str]
+    cause: NotRequired[str]
+    note: NotRequired[str]
+    reference: NotRequired[str]
+    to: NotRequired[str]  # offered to this force next
+    answered_at: NotRequired[Timestamp]
+
+
+class PeopleSaid(TypedDict):
+    """The current destination's answer: when recorded, and what was said."""
+
+    at: Timestamp
+    outcome: str
+    by: NotRequired[str]
+    cause: NotRequired[str]
+    note: NotRequired[str]
+    reference: NotRequired[str]
+    to: NotRequired[str]
+    answered_at: NotRequired[Timestamp]
 
 
 Handoff = TypedDict("Handoff", {  # `from` is a keyword: the functional form
     "id": str, "incident_id": str, "from": str, "to": str, "priority": Priority,
     "status": Status, "attempts": Count, "accepted_at": Timestamp, "updated_at": Timestamp,
     "reason": NotRequired[str], "escalated_at": NotRequired[Timestamp],
-    "delivered_at": NotRequired[Timestamp], "incident": Incident,
+    "delivered_at": NotRequired[Timestamp], "acknowledgement": NotRequired[PeopleSaid],
+    "completion": NotRequired[PeopleSaid], "incident": Incident,
     "history": list[HistoryEntry]})
 
 
@@ -175,7 +202,8 @@ class Waiting(TypedDict):
     no_evidence_yet: Annotated[list[str], Field(min_length=1)]
 
 
-REQUESTS: tuple[type[BaseModel], ...] = (RouteRequest, OverrideRequest, Incident, HandoffQuery)
+REQUESTS: tuple[type[BaseModel], ...] = (RouteRequest, OverrideRequest, Incident, HandoffQuery,
+                                         AcknowledgementRequest, CompletionRequest)
 RESPONSES: dict[str, Any] = {
     "Decision": DecisionRecord, "Reloaded": Reloaded, "Error": Error,
     "ConfigInvalid": ConfigInvalid, "Forces": Forces, "RoutingTable": RoutingTable,
@@ -225,6 +253,13 @@ SIGNATURE = [
      "description": "sha256=HEX: HMAC-SHA256 with the partner's key over TIMESTAMP.BODY",
      "schema": {"type": "string"}},
 ]
+
+ANSWER_ERRORS = {
+    "403": "not the handoff's destination, or not a partner",
+    "404": "no such handoff",
+    "409": "not delivered yet (`not_delivered`), or answered otherwise before, or final "
+           "(`conflict`)",
+    "503": "the handoff desk is starting, or could not store the answer"}
 
 WHY = {"400": "invalid request; `field` names what is wrong", "401": "missing or unknown token",
        "403": "the token's role may not do this", "404": "no such resource",
@@ -304,6 +339,8 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
     force = [_path("force", {"type": "string", "minLength": 1}, "met")]
     unknown_force = {"404": "unknown force"}
     location = {"Location": {"description": "the handoff's URL", "schema": {"type": "string"}}}
+    hid = [_path("id", {"type": "string", "pattern": f"^{HANDOFF_ID.pattern}$"},
+                 handoff_id(INCIDENT["from"], INCIDENT["incident_id"]))]
     route_format = {"name": "format", "in": "query", "required": False,
                     "schema": {"enum": ["json", "text"], "default": "json"}}
     decision = {"description": "the decision (format=text: only the SIP URI)",
@@ -358,9 +395,19 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
             "One handoff with its history", ("viewer", "partner"),
             {"200": _ok("the handoff", "Handoff")},
             {"404": "no such handoff (or, to a partner, not its force's)",
-             "503": "the handoff desk is starting"},
-            parameters=[_path("id", {"type": "string", "pattern": f"^{HANDOFF_ID.pattern}$"},
-                              handoff_id(INCIDENT["from"], INCIDENT["incident_id"]))])},
+             "503": "the handoff desk is starting"}, parameters=hid)},
+        "/v1/handoffs/{id}/acknowledgement": {"post": _op(
+            "A dispatcher at the destination accepts or rejects the handoff", ("partner",),
+            {"200": _ok("recorded (or a repeat of what was)", "Handoff")}, ANSWER_ERRORS,
+            requestBody=_body(AcknowledgementRequest, {
+                "outcome": "rejected", "by": "PS 42 Jones",
+                "cause": "location outside our area"}), parameters=hid)},
+        "/v1/handoffs/{id}/completion": {"post": _op(
+            "The incident is closed at the destination: completed or aborted", ("partner",),
+            {"200": _ok("recorded (or a repeat of what was)", "Handoff")}, ANSWER_ERRORS,
+            requestBody=_body(CompletionRequest, {"outcome": "completed",
+                                                  "note": "suspect arrested"}),
+            parameters=hid)},
         "/v1/admin/reload": {"post": _op(
             "Reload the config file; an invalid one is refused and the old one stays",
             ("manager",), {"200": _ok("reloaded", "Reloaded"), "422": _ok(

@@ -22,9 +22,8 @@ import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import aiomqtt
@@ -37,6 +36,7 @@ from router.engine.model import Snapshot
 from router.engine.rules import headline
 from router.http.app import RouterApp
 from router.infra.timefmt import iso
+from router.tools.centres import SimCentre, SipOptionsResponder
 
 log = logging.getLogger("demo")
 
@@ -47,63 +47,10 @@ SHARE_999 = 0.4
 OUTAGE_START_S, OUTAGE_END_S, CYCLE_S = 20.0, 80.0, 150.0
 TELEMETRY_EVERY_S = 1.0
 REPORT_EVERY_S = 10.0
-
-
-# ---- simulated centres ----------------------------------------------------------------------
-
-
-class SipOptionsResponder(asyncio.DatagramProtocol):
-    """Answers SIP OPTIONS with 200 OK while its centre's telephony is up."""
-
-    def __init__(self, centre: SimCentre):
-        self.centre = centre
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if not self.centre.telephony_up or self.transport is None:
-            return
-        lines = data.decode(errors="replace").split("\r\n")
-        keep = [ln for ln in lines[1:] if ln.split(":", 1)[0].strip().lower()
-                in ("via", "v", "from", "f", "to", "t", "call-id", "i", "cseq")]
-        reply = "\r\n".join(["SIP/2.0 200 OK", *keep, "Content-Length: 0", "", ""])
-        self.transport.sendto(reply.encode(), addr)
-
-
-@dataclass
-class SimCentre:
-    """A control room as a queue: handlers answer calls in order of arrival."""
-
-    force: str
-    handlers: int
-    telephony_up: bool = True
-    cad_up: bool = True
-    sip_port: int = 0
-    busy: list[tuple[float, str]] = field(default_factory=list)  # (ends_at, call_id)
-    waiting: collections.deque[tuple[float, str]] = field(default_factory=collections.deque)
-
-    def take(self, call_id: str, now: float) -> None:
-        self.waiting.append((now, call_id))
-
-    def tick(self, now: float, rng: random.Random) -> list[str]:
-        """Advance the queue; returns the calls that ended."""
-        done = [cid for ends, cid in self.busy if ends <= now]
-        self.busy = [(ends, cid) for ends, cid in self.busy if ends > now]
-        while self.waiting and len(self.busy) < self.handlers:
-            _, cid = self.waiting.popleft()
-            self.busy.append((now + rng.expovariate(1 / MEAN_HANDLING_S), cid))
-        return done
-
-    def telemetry(self, now: float) -> dict[str, Any]:
-        return {
-            "ts": time.time(), "telephony_up": self.telephony_up, "cad_up": self.cad_up,
-            "calls_waiting": len(self.waiting),
-            "handlers_available": max(self.handlers - len(self.busy), 0),
-            "handlers_on_duty": self.handlers,
-            "oldest_wait_s": round(now - self.waiting[0][0], 1) if self.waiting else 0.0,
-        }
+# the simulated CADs' dispatchers: accept a handoff some seconds after it arrives, now and
+# then reject one ("location outside our area"), close it later (compressed, like the calls)
+DISPATCHERS = {"ack_after_s": 6.0, "answer_jitter_s": 4.0, "complete_after_s": 20.0,
+               "reject_share": 0.05, "seed": 2025}
 
 
 # ---- wiring the demo config -----------------------------------------------------------------
@@ -130,7 +77,7 @@ def demo_config(workdir: Path, http_port: int, mqtt_port: int | None
             {"kind": "http", "target": f"http://127.0.0.1:{http_port}/centres/{fid}/health",
              "component": "cad"},
         ]
-        force["cad"] = {"adapter": "sim"}
+        force["cad"] = {"adapter": "sim", "options": DISPATCHERS}
     raw["mqtt"] = {"enabled": mqtt_port is not None, "host": "127.0.0.1",
                    "port": mqtt_port or 1883, "prefix": "overflow/"}
     raw["handoff"]["store"] = f"sqlite:///{workdir / 'handoffs.db'}"
@@ -187,12 +134,13 @@ class Demo:
         self.tokens = tokens
         self.mqtt_port = mqtt_port
         self.rng = random.Random(seed)
-        self.centres = {fid: SimCentre(fid, f.centre.handlers_on_duty, sip_port=sip_ports[fid])
+        self.centres = {fid: SimCentre(fid, f.centre.handlers_on_duty, sip_port=sip_ports[fid],
+                                       mean_handling_s=MEAN_HANDLING_S)
                         for fid, f in config.forces.items()}
         self.t0 = time.monotonic()
         self.calls: dict[str, tuple[str, str, str]] = {}  # call_id -> (origin, service, dest)
         self.window: collections.Counter[str] = collections.Counter()
-        self.handoffs: collections.Counter[str] = collections.Counter()
+        self.handoffs: collections.Counter[str] = collections.Counter()  # steps by status
         self.base = ""
         self._seq = 0
         self._states: dict[str, tuple[str, str]] = {}  # force → (state, headline)
@@ -350,7 +298,26 @@ class Demo:
             self.say(f"last {REPORT_EVERY_S:.0f}s: {total} calls routed; from the Met: {spread}; "
                      f"retried after undetected failure: {window['retried']}; "
                      f"incidents handed back by partners: {self.handoffs['submitted']}, "
-                     f"in the Met's CAD: {len(sim_cad('met').received)}")
+                     f"in the Met's CAD: {len(sim_cad('met').received)}; so far "
+                     f"{self.handoffs['delivered']} delivered, {self.handoffs['acknowledged']} "
+                     f"accepted by a dispatcher, {self.handoffs['rejected']} rejected, "
+                     f"{self.handoffs['completed']} completed")
+
+    def on_status(self, message: dict[str, Any]) -> None:
+        """Narrate what people do with handed-back incidents: the first acceptance and the
+        first completion, and the first few rejections (each goes back to its sender at once);
+        the report counts the rest."""
+        status = str(message.get("status"))
+        self.handoffs[status] += 1
+        who = f"{message.get('to')} ({message.get('by') or 'a dispatcher'})"
+        if status == "acknowledged" and self.handoffs[status] == 1:
+            self.say(f"handoff {message.get('incident_id')} from {message.get('from')} accepted "
+                     f"by {who}; the sender is told on MQTT and at its notify_url")
+        elif status in ("rejected", "offered") and self.handoffs[status] <= 3:
+            self.say(f"✗ handoff {message.get('incident_id')} REJECTED by {who}: "
+                     f"{message.get('cause')}; back to {message.get('from')} at once")
+        elif status == "completed" and self.handoffs[status] == 1:
+            self.say(f"handoff {message.get('incident_id')} completed at {message.get('to')}")
 
     def _auth(self, role: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
@@ -396,6 +363,7 @@ async def run_demo(port: int = 8080, duration_s: float | None = None) -> int:
                     sock=sip_socks[fid])
                 transports.append(transport)
             service.watcher.add_listener(demo.on_snapshot)
+            service.status_listeners.append(demo.on_status)
             stop = asyncio.Event()
 
             serving = asyncio.Event()

@@ -83,13 +83,17 @@ class Alerter:
         if self._mqtt is not None:
             self._mqtt.publish("alerts", alert)
         for partner in partners:
-            url = self.config.forces[partner].notify_url if partner in self.config.forces \
-                else None
-            if url:
-                if len(self._outbox) == self._outbox.maxlen:
-                    log.error("alert outbox full: dropping the oldest notification")
-                self._outbox.append((partner, url, alert))
-                self._wake.set()
+            self.post(partner, alert)
+
+    def post(self, force: str, message: dict[str, Any]) -> None:
+        """Queue `message` for `force`'s `notify_url`, if it has one (a handoff's sender
+        hears how it is going this way too)."""
+        url = self.config.forces[force].notify_url if force in self.config.forces else None
+        if url:
+            if len(self._outbox) == self._outbox.maxlen:
+                log.error("alert outbox full: dropping the oldest notification")
+            self._outbox.append((force, url, message))
+            self._wake.set()
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Deliver queued notifications until cancelled, a few at a time."""
@@ -117,5 +121,7 @@ class Alerter:
                             timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S)) as response:
                         response.raise_for_status()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.error("could not notify %s at %s of the %s diversion after %d attempts: %s",
-                      partner, url, alert["origin"], POST_ATTEMPTS, exc or type(exc).__name__)
+            about = (f"the {alert['origin']} diversion" if "origin" in alert
+                     else f"handoff {alert.get('handoff_id')} {alert.get('status')}")
+            log.error("could not notify %s at %s of %s after %d attempts: %s",
+                      partner, url, about, POST_ATTEMPTS, exc or type(exc).__name__)

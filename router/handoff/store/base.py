@@ -55,9 +55,12 @@ class HistoryEntry:
     at: float  # epoch seconds
     status: str
     detail: str = ""
+    # what people said, for the statuses they cause: `by`, `cause`, `outcome`, `note`,
+    # `reference`, `to` (where a rejected handoff went next)
+    data: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        return {"at": self.at, "status": self.status, "detail": self.detail}
+        return {"at": self.at, "status": self.status, "detail": self.detail, **self.data}
 
 
 @dataclass(slots=True)
@@ -92,6 +95,8 @@ class StatusChange:
     reason: str | None = None  # replaces the stored reason when given
     escalated_at: float | None = None  # set once: the first escalation wins
     delivered_at: float | None = None
+    data: dict[str, str] = field(default_factory=dict)  # for the history line
+    to_force: str | None = None  # offered to another destination: to be delivered again
 
 
 @dataclass(slots=True)
@@ -152,8 +157,9 @@ class HandoffStore(ABC):
                     limit: int = 100) -> list[StoredHandoff]: ...
 
     @abstractmethod
-    async def unfinished(self) -> list[StoredHandoff]:
-        """Every handoff neither delivered nor failed: what a restarted desk must resume."""
+    async def unfinished(self, awaiting_since: float) -> list[StoredHandoff]:
+        """What a restarted desk must resume: every handoff not final and not yet delivered,
+        and those delivered since `awaiting_since` still awaiting a dispatcher's answer."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -285,10 +291,12 @@ def _fail(batch: _Pending, exc: Exception) -> None:
 def _storable(item: StoredHandoff | StatusChange) -> StoredHandoff | StatusChange:
     """The item with its free text made storable (a copy, only when something changes)."""
     if isinstance(item, StatusChange):
-        if _clean(item.detail) and (item.reason is None or _clean(item.reason)):
+        if (_clean(item.detail) and (item.reason is None or _clean(item.reason))
+                and all(_clean(v) for v in item.data.values())):
             return item
         reason = None if item.reason is None else storable(item.reason)
-        return dataclasses.replace(item, detail=storable(item.detail), reason=reason)
+        return dataclasses.replace(item, detail=storable(item.detail), reason=reason,
+                                   data={k: storable(v) for k, v in item.data.items()})
     if _clean(item.reason) and all(_clean(e.detail) for e in item.history):
         return item
     return dataclasses.replace(item, reason=storable(item.reason), history=[
@@ -316,7 +324,12 @@ def history_json(entries: Iterable[HistoryEntry]) -> str:
 
 def history_of(raw: Any) -> list[HistoryEntry]:
     items = json.loads(raw) if isinstance(raw, str) else raw
-    return [HistoryEntry(float(e["at"]), str(e["status"]), str(e.get("detail", ""))) for e in items]
+    return [HistoryEntry(float(e["at"]), str(e["status"]), str(e.get("detail", "")),
+                         {k: str(v) for k, v in e.items() if k not in _ENTRY_KEYS})
+            for e in items]
+
+
+_ENTRY_KEYS = frozenset({"at", "status", "detail"})
 
 
 def row_to_handoff(row: Sequence[Any]) -> StoredHandoff:
@@ -330,7 +343,12 @@ def row_to_handoff(row: Sequence[Any]) -> StoredHandoff:
 
 
 def entry_of(change: StatusChange) -> HistoryEntry:
-    return HistoryEntry(change.at, change.status, change.detail)
+    return HistoryEntry(change.at, change.status, change.detail, change.data)
+
+
+# the rows a restarted desk resumes (see HandoffStore.unfinished); one parameter, the time
+UNFINISHED_SQL = (f"WHERE status NOT IN ({FINAL_SQL}) AND (delivered_at IS NULL OR "
+                  "(status = 'delivered' AND delivered_at >= {mark})) ORDER BY accepted_at")
 
 
 def filters(status: str | None, to: str | None, mark1: str,

@@ -14,6 +14,7 @@ from router.handoff.store.base import (
     COLUMNS,
     FINAL_SQL,
     MAX_BATCH,
+    UNFINISHED_SQL,
     HandoffStore,
     StatusChange,
     StoredHandoff,
@@ -61,7 +62,9 @@ _PG_INSERT = (
 _PG_CHANGE = (
     "UPDATE handoffs SET status = $1, updated_at = $2, attempts = GREATEST(attempts, $3), "
     "reason = COALESCE($4, reason), escalated_at = COALESCE(escalated_at, $5), "
-    "delivered_at = COALESCE(delivered_at, $6), history = history || $7::jsonb "
+    "to_force = COALESCE($9::text, to_force), "
+    "delivered_at = CASE WHEN $9::text IS NOT NULL THEN NULL "
+    "ELSE COALESCE(delivered_at, $6) END, history = history || $7::jsonb "
     "WHERE id = $8 AND status NOT IN (" + FINAL_SQL + ")"
 )
 
@@ -122,7 +125,7 @@ class PostgresStore(HandoffStore):
                     list({c.id for c in changes}))}
                 await conn.executemany(_PG_CHANGE, [
                     (c.status, c.at, c.attempts, c.reason, c.escalated_at, c.delivered_at,
-                     [entry_of(c).as_json()], c.id) for c in changes])
+                     [entry_of(c).as_json()], c.id, c.to_force) for c in changes])
         return created, changed
 
     async def _select(self, where: str, params: Sequence[Any], tail: str = "") -> list[
@@ -141,6 +144,5 @@ class PostgresStore(HandoffStore):
         return await self._select(where, [*params, limit],
                                   f"ORDER BY accepted_at LIMIT ${len(params) + 1}")
 
-    async def unfinished(self) -> list[StoredHandoff]:
-        return await self._select(f"WHERE status NOT IN ({FINAL_SQL})", (),
-                                  "ORDER BY accepted_at")
+    async def unfinished(self, awaiting_since: float) -> list[StoredHandoff]:
+        return await self._select(UNFINISHED_SQL.format(mark="$1"), (awaiting_since,))

@@ -15,6 +15,7 @@ from router.handoff.store.base import (
     COLUMNS,
     FINAL_SQL,
     MAX_BATCH,
+    UNFINISHED_SQL,
     HandoffStore,
     StatusChange,
     StoredHandoff,
@@ -52,10 +53,14 @@ _SQLITE_INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQLITE_CHANGE = (
-    "UPDATE handoffs SET status = ?, updated_at = ?, attempts = MAX(attempts, ?), "
-    "reason = COALESCE(?, reason), escalated_at = COALESCE(escalated_at, ?), "
-    "delivered_at = COALESCE(delivered_at, ?), history = json_insert(history, '$[#]', json(?)) "
-    "WHERE id = ? AND status NOT IN (" + FINAL_SQL + ")"
+    "UPDATE handoffs SET status = :status, updated_at = :at, "
+    "attempts = MAX(attempts, :attempts), reason = COALESCE(:reason, reason), "
+    "escalated_at = COALESCE(escalated_at, :escalated_at), "
+    "to_force = COALESCE(:to_force, to_force), "
+    "delivered_at = CASE WHEN :to_force IS NOT NULL THEN NULL "
+    "ELSE COALESCE(delivered_at, :delivered_at) END, "
+    "history = json_insert(history, '$[#]', json(:entry)) "
+    "WHERE id = :id AND status NOT IN (" + FINAL_SQL + ")"
 )
 
 
@@ -118,8 +123,11 @@ class SqliteStore(HandoffStore):
             changed: set[str] = set()
             if changes:
                 cur = await db.executemany(_SQLITE_CHANGE, [
-                    (c.status, c.at, c.attempts, c.reason, c.escalated_at, c.delivered_at,
-                     json.dumps(entry_of(c).as_json()), c.id) for c in changes])
+                    {"status": c.status, "at": c.at, "attempts": c.attempts,
+                     "reason": c.reason, "escalated_at": c.escalated_at,
+                     "to_force": c.to_force, "delivered_at": c.delivered_at,
+                     "entry": json.dumps(entry_of(c).as_json()), "id": c.id}
+                    for c in changes])
                 changed = {c.id for c in changes}
                 if cur.rowcount != len(changes):  # some missing, or already final: which?
                     ids = list(changed)
@@ -150,6 +158,5 @@ class SqliteStore(HandoffStore):
         where, params = filters(status, to, "?", "?")
         return await self._select(where, [*params, limit], "ORDER BY accepted_at LIMIT ?")
 
-    async def unfinished(self) -> list[StoredHandoff]:
-        return await self._select(f"WHERE status NOT IN ({FINAL_SQL})", (),
-                                  "ORDER BY accepted_at")
+    async def unfinished(self, awaiting_since: float) -> list[StoredHandoff]:
+        return await self._select(UNFINISHED_SQL.format(mark="?"), (awaiting_since,))
