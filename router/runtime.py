@@ -3,6 +3,8 @@ and the reload that swaps a new config into all of them at once."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -63,6 +65,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.started = self.config
+        _config_metrics(self.config)
 
     def reload(self, *, source: str = "manager") -> Reloaded:
         """Validate the config file again and swap it in whole, or raise and keep the old one.
@@ -85,6 +88,7 @@ class Runtime:
                 self._reconfigure_desk(self.desk, config)
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.labels("refused").inc()
+            _config_metrics(None)
             self._audit_refused(source, exc)
             raise
         self.config = config
@@ -104,6 +108,7 @@ class Runtime:
                              restart_required=waiting, **moves)
             self.audit.move(audit_log)
         metrics.CONFIG_RELOADS.labels("applied").inc()
+        _config_metrics(config)
         log.info("config reloaded from %s: %d forces", self.config_path, len(config.forces))
         if waiting:
             log.warning("config reloaded, but these settings only change on a restart: %s",
@@ -126,6 +131,22 @@ class Runtime:
                 key, _, message = line.partition(": ")
                 issues.append(ConfigIssue(str(self.config_path), 0, key, message))
             raise ConfigError(issues) from None
+
+
+def config_hash(config: RouterConfig) -> str:
+    """The effective config's fingerprint (canonical JSON, so layout and comments do not count):
+    routers that should run the same rules show the same hash."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _config_metrics(config: RouterConfig | None) -> None:
+    """The last load's time and result and, when applied (`config` given), what runs now."""
+    metrics.CONFIG_LAST_RELOAD_SECONDS.set_to_current_time()
+    metrics.CONFIG_LAST_RELOAD_SUCCESSFUL.set(0 if config is None else 1)
+    if config is not None:
+        metrics.CONFIG_INFO.clear()
+        metrics.CONFIG_INFO.labels(config_hash(config), ",".join(config.forces)).set(1)
 
 
 def restart_required(running: RouterConfig, new: RouterConfig) -> list[str]:

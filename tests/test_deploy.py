@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,13 +23,14 @@ SELECTOR = re.compile(r"\b(overflow_[a-z_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 # the values a label can take, where the router fixes them
 VALUES = {"state": {s.value for s in CentreState}, "reason": {r.value for r in Reason},
+          "component": {"telephony", "cad"},
           "service": {s.value for s in Service}, "status": {s.value for s in Status},
           "outcome": {"applied", "refused"}, "priority": {"P1", "P2", "P3", "P4"}}
 
 
 def exported() -> dict[str, set[str]]:
     """Every sample name the router's metrics can produce, with its label names."""
-    names: dict[str, set[str]] = {}
+    names: dict[str, set[str]] = {g.name: set(g.labelnames) for g in metrics.BOARD_GAUGES}
     for collector in vars(metrics).values():
         if not hasattr(collector, "_labelnames"):
             continue
@@ -103,7 +105,12 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     need(analyze is not None, "systemd-analyze", "Debian's systemd package")
     assert analyze is not None
     unit = (PROMETHEUS.parent / "systemd" / "overflow-router.service").read_text()
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit and "Restart=always" in unit
+    reloads = [line for line in unit.splitlines() if line.startswith("ExecReload=")]
+    assert reloads == [  # validate first: a bad file fails the reload before any signal
+        "ExecReload=/opt/overflow-router/venv/bin/overflow-router validate "
+        "/etc/overflow-router/forces.yaml",
+        "ExecReload=/bin/kill -HUP $MAINPID"]
+    assert "Restart=always" in unit
     # as installed, but pointing at this checkout's own entry point
     here = Path(sys.executable).parent / "overflow-router"
     local = tmp_path / "overflow-router.service"
@@ -111,3 +118,25 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     done = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+            for r in g["rules"]]
+
+
+def test_every_alert_has_a_unit_test_and_a_runbook() -> None:
+    """promtool passes a rule with no test at all: so each alert must appear in the tests, and
+    its runbook_url must lead to a heading of docs/OPERATIONS.md."""
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    tested = {case["alertname"] for t in tests for case in t["alert_rule_test"]
+              if case.get("exp_alerts")}
+    operations = (PROMETHEUS.parent.parent / "docs" / "OPERATIONS.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", operations, re.M)}
+    for rule in alert_rules():
+        name = rule["alert"]
+        assert name in tested, f"{name} has no promtool test that makes it fire"
+        url = rule["annotations"].get("runbook_url", "")
+        assert url.startswith("{{ $externalLabels.runbook_base }}/OPERATIONS.md#"), name
+        assert url.rpartition("#")[2] in anchors, f"{name}: no heading {url} in OPERATIONS.md"

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 EXPIRY_INTERVAL_S = 1.0  # often, so each sweep is small
 SHUTDOWN_TIMEOUT_S = 5.0  # for requests in flight, then for each background task to end
+ANSWERS = frozenset({"acknowledged", "rejected", "offered", "completed"})  # people's words
 
 
 def build_app(runtime: Runtime, tokens: TokenBook) -> web.Application:
@@ -69,7 +70,7 @@ class RouterApp:
         self.watcher = Watcher(config, mqtt=self.mqtt, audit=self.audit)
         self.calls = CallDesk(config)
         self.publisher = Publisher(config, watcher=self.watcher, calls=self.calls, mqtt=self.mqtt)
-        self.state_metrics = StateMetrics(self.watcher)
+        self.state_metrics = StateMetrics(self.watcher, self.calls)
         self.tokens = TokenBook(config.service.tokens, self.environ)
         self.runtime = Runtime(config, config_path, self.calls, self.watcher, self.tokens,
                                self.environ, mqtt=self.mqtt, audit=self.audit,
@@ -81,16 +82,36 @@ class RouterApp:
         self.port: int | None = None
         self._failed: BaseException | None = None  # the first background task that crashed
         self._halt = asyncio.Event()  # set when one has: the service stops, and run() raises
+        # in-process listeners to every handoff step a sender is told of (the demo)
+        self.status_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def publish_alert(self, alert: dict[str, Any]) -> None:
         """The handoff desk's alerts: on MQTT, and escalations into the audit chain too."""
         if alert.get("kind") == "handoff_escalated":
+            what = ("not delivered" if alert.get("waiting_for") != "acknowledgement"
+                    else "not answered by a dispatcher")
             self.audit.event("escalation", force=alert.get("to"), source="handoff desk",
                              reason=f"{alert.get('priority')} handoff {alert.get('handoff_id')} "
-                                    f"not delivered within {alert.get('deadline_s')} s",
+                                    f"{what} within {alert.get('deadline_s')} s",
                              alert=alert)
         if self.mqtt is not None:
             self.mqtt.publish("alerts", alert)
+
+    def tell_sender(self, message: dict[str, Any]) -> None:
+        """A handoff's step, to its sender: MQTT `handoffs/{from}/status` (QoS 1) and its
+        `notify_url`; what people answered goes into the audit chain."""
+        sender = str(message.get("from"))
+        for listener in self.status_listeners:
+            listener(message)
+        if self.mqtt is not None:
+            self.mqtt.publish(f"handoffs/{sender}/status", message, qos=1)
+        self.publisher.alerter.post(sender, message)
+        if message.get("status") in ANSWERS:
+            self.audit.event("answer", force=message.get("to"),
+                             source=f"partner:{message.get('to')}",
+                             reason=str(message.get("detail", message.get("status"))),
+                             handoff_id=message.get("handoff_id"), status=message.get("status"),
+                             by=message.get("by"))
 
     async def run(self, host: str, port: int, stop: asyncio.Event,
                   started: Callable[[int], Awaitable[None] | None] | None = None) -> None:
@@ -139,7 +160,7 @@ class RouterApp:
         """Open the desk (its store, and resuming unfinished handoffs) and make it reachable
         to handlers and reloads through runtime.desk."""
         opened_with = self.runtime.config
-        async with open_desk(opened_with, alert=self.publish_alert,
+        async with open_desk(opened_with, alert=self.publish_alert, notify=self.tell_sender,
                              cad_up=lambda force: self.watcher.snapshot.get(force).cad_up) as desk:
             self.runtime.desk = desk
             if self.runtime.config is not opened_with:  # reloaded while the desk opened

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Annotated, Any, NoReturn, TypeVar
 
 from aiohttp import hdrs, web
@@ -165,6 +166,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     """Every error is contract-shaped JSON; an unexpected one is logged, never leaked."""
     route = request.match_info.route.resource
     name = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
     try:
         response: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
@@ -172,5 +174,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         response = error_response(500, "internal", "internal error; see the router's log")
+    if name == "/v1/route":  # what a call waits for, beyond the engine's own microseconds
+        metrics.ROUTE_REQUEST_SECONDS.observe(time.perf_counter() - started)
     metrics.child(metrics.HTTP_REQUESTS, name, str(response.status)).inc()
     return response

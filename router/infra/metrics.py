@@ -1,12 +1,32 @@
-"""Every Prometheus metric, declared once. Units are in the names, as client_python advises."""
+"""Every Prometheus metric, declared once. Units are in the names, as client_python advises.
+
+Most are kept up to date where things happen (a call routed, a probe answered). The board's
+gauges (`BoardGauge`: capacity, headroom, queues, overrides, diversion, shares) are read from
+the running router when Prometheus scrapes, through `BOARD`: they depend on every call in
+flight, and recomputing them per call would tax the route path for a value read every 15 s.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
+import platform
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TypeVar, cast
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router import __version__
+
+log = logging.getLogger(__name__)
+
+# `_created` series were a quarter of the exposition and nothing reads them
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -35,6 +55,11 @@ CALLS_ROUTED = Counter(
     "overflow_calls_routed_total", "Routing decisions made",
     ["service", "origin", "destination", "reason"],
 )
+ROUTE_REQUEST_SECONDS = Histogram(
+    "overflow_route_request_seconds",
+    "A /v1/route request as a whole, handler start to response: auth, body, decision, JSON",
+    buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
 DECISION_SECONDS = Histogram(
     "overflow_decision_seconds", "Time to make one routing decision (engine only)",
     buckets=(2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3),
@@ -57,7 +82,7 @@ TELEMETRY_MESSAGES = Counter(
 )
 FAILOVER_DETECTION_SECONDS = Histogram(
     "overflow_failover_detection_seconds",
-    "From the first failed evidence to the centre being declared down",
+    "From the first failed evidence to the centre being declared down", ["force"],
     buckets=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 30.0),
 )
 STATE_CHANGES = Counter(
@@ -77,7 +102,139 @@ HANDOFF_DELIVERY_SECONDS = Histogram(
 HANDOFF_OUTCOMES = Counter(
     "overflow_handoff_outcomes_total", "Handoff status transitions", ["destination", "status"]
 )
+HANDOFF_NOTICES = Counter(
+    "overflow_handoff_notices_total", "Status updates passed to senders' CAD adapters",
+    ["sender", "outcome"]
+)
+HANDOFF_ANSWER_SECONDS = Histogram(
+    "overflow_handoff_answer_seconds",
+    "From delivery to a dispatcher accepting or rejecting the handoff", ["destination"],
+    buckets=(5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
 CONFIG_RELOADS = Counter("overflow_config_reloads_total", "Config reloads by outcome", ["outcome"])
+CONFIG_INFO = Gauge(
+    "overflow_config_info", "1, labelled with the running config's hash and its forces",
+    ["config_hash", "forces"],
+)
+CONFIG_LAST_RELOAD_SUCCESSFUL = Gauge(
+    "overflow_config_last_reload_successful",
+    "1 if the last load of the config (start or reload) applied it, 0 if it was refused",
+)
+CONFIG_LAST_RELOAD_SECONDS = Gauge(
+    "overflow_config_last_reload_timestamp_seconds",
+    "When the config was last loaded or a reload refused, in Unix seconds",
+)
+BUILD_INFO = Gauge(
+    "overflow_build_info", "1, labelled with the router's version and Python's",
+    ["version", "python"],
+)
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 HTTP_REQUESTS = Counter(
     "overflow_http_requests_total", "HTTP requests by route and status", ["route", "status"]
 )
+
+
+# ---- the board: read at scrape time ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoardGauge:
+    """A gauge whose samples come from the running router at each scrape."""
+
+    name: str
+    documentation: str
+    labelnames: tuple[str, ...]
+
+
+Sample = tuple[tuple[str, ...], float]  # label values in `labelnames` order, value
+Reading = Mapping[BoardGauge, Iterable[Sample]]
+
+CENTRE_CAPACITY = BoardGauge(
+    "overflow_centre_capacity", "A centre's configured limits: handlers on duty, the queue past "
+    "which it overflows while overloaded, the queue past which it overflows at all",
+    ("force", "limit"))
+CALLS_IN_FLIGHT_BY_SERVICE = BoardGauge(
+    "overflow_centre_calls_in_flight", "Calls a centre carries that the router routed, by "
+    "service", ("force", "service"))
+CALLS_WAITING = BoardGauge(
+    "overflow_centre_calls_waiting", "Calls waiting in a centre's queue, as the policy counts "
+    "them (the larger of its own count and fresh telemetry)", ("force",))
+OLDEST_WAIT_SECONDS = BoardGauge(
+    "overflow_centre_oldest_wait_seconds", "The longest a caller has waited, from fresh "
+    "telemetry; absent without it", ("force",))
+HANDLERS_AVAILABLE = BoardGauge(
+    "overflow_centre_handlers_available", "Call handlers free, from fresh telemetry; absent "
+    "without it", ("force",))
+TELEMETRY_AGE_SECONDS = BoardGauge(
+    "overflow_centre_telemetry_age_seconds", "Age of a centre's last telemetry; absent if none "
+    "arrived", ("force",))
+AID_IN_FLIGHT = BoardGauge(
+    "overflow_aid_in_flight", "Calls a force is answering for other forces now", ("force",))
+AID_CAP = BoardGauge(
+    "overflow_aid_cap", "Calls a force takes for others at once, per service (101 may not use "
+    "the 999 reserve)", ("force", "service"))
+AID_HEADROOM = BoardGauge(
+    "overflow_aid_headroom", "Calls a force could still take for others, per service",
+    ("force", "service"))
+OVERRIDE_ACTIVE = BoardGauge(
+    "overflow_override_active", "1 for the state a manager declared for a centre, 0 for the "
+    "others; all 0 while none is declared", ("force", "state"))
+OVERRIDE_AGE_SECONDS = BoardGauge(
+    "overflow_override_age_seconds", "How long a manager's declaration has stood; absent "
+    "while none does", ("force",))
+DIVERTING = BoardGauge(
+    "overflow_centre_diverting", "1 while some of a force's calls go to partners, as the "
+    "routing rules decide", ("force",))
+SHARE_DIVERTED = BoardGauge(
+    "overflow_centre_share_diverted", "The share of a force's new calls that go to partners "
+    "(1 all, 0 none, between: a recovery ramp step)", ("force",))
+DIVERSION_CAUSE = BoardGauge(
+    "overflow_centre_diversion_cause", "1 for why a force's calls go to partners, 0 for the "
+    "other causes; all 0 while it keeps them", ("force", "cause"))
+ROUTING_SHARE = BoardGauge(
+    "overflow_routing_share", "Where an origin's next calls go now, per service: the plan's "
+    "shares, as on /v1/routing-table", ("origin", "service", "destination", "reason"))
+
+BOARD_GAUGES = (CENTRE_CAPACITY, CALLS_IN_FLIGHT_BY_SERVICE, CALLS_WAITING, OLDEST_WAIT_SECONDS,
+                HANDLERS_AVAILABLE, TELEMETRY_AGE_SECONDS, AID_IN_FLIGHT, AID_CAP, AID_HEADROOM,
+                OVERRIDE_ACTIVE, OVERRIDE_AGE_SECONDS, DIVERTING, SHARE_DIVERTED,
+                DIVERSION_CAUSE, ROUTING_SHARE)
+
+
+class Board(Collector):
+    """The board's gauges, read through the one source bound to it (the latest router's
+    exporter). Held weakly: a router that is gone stops reporting rather than lingering."""
+
+    def __init__(self, gauges: tuple[BoardGauge, ...]):
+        self.gauges = gauges
+        self._source: weakref.WeakMethod[Callable[[], Reading]] | None = None
+
+    def bind(self, read: Callable[[], Reading]) -> None:
+        """`read` must be a bound method; its owner must outlive the scrapes it serves."""
+        self._source = weakref.WeakMethod(read)
+
+    def reading(self) -> Reading:
+        read = self._source() if self._source is not None else None
+        if read is None:
+            return {}
+        try:
+            return read()
+        except Exception:  # a bug here must not take every other metric down with it
+            log.exception("reading the board's gauges failed; they are absent from this scrape")
+            return {}
+
+    def describe(self) -> Iterator[Metric]:
+        for g in self.gauges:
+            yield GaugeMetricFamily(g.name, g.documentation, labels=list(g.labelnames))
+
+    def collect(self) -> Iterator[Metric]:
+        reading = self.reading()
+        for g in self.gauges:
+            family = GaugeMetricFamily(g.name, g.documentation, labels=list(g.labelnames))
+            for labels, value in reading.get(g, ()):
+                family.add_metric(list(labels), value)
+            yield family
+
+
+BOARD = Board(BOARD_GAUGES)
+REGISTRY.register(BOARD)
