@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -172,9 +173,9 @@ def _admin(args: argparse.Namespace) -> int:
             out = asyncio.run(admin.status(args.url))
         elif args.command == "override":
             out = asyncio.run(admin.override(args.url, args.force, args.state, args.reason,
-                                             args.minutes))
+                                             args.minutes, args.operator))
         else:
-            out = asyncio.run(admin.clear_override(args.url, args.force))
+            out = asyncio.run(admin.clear_override(args.url, args.force, args.operator))
     except admin.AdminError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit_verify)
 
     url = os.environ.get("OVERFLOW_URL", "http://127.0.0.1:8080")
+    # who declares, recorded in the audit log: OVERFLOW_OPERATOR, else the login name
+    operator = os.environ.get("OVERFLOW_OPERATOR") or _login()
+    operator_help = "who is declaring (default: $OVERFLOW_OPERATOR, else your login name)"
     p = sub.add_parser("status", help="state of every centre and where 999 calls go")
     p.add_argument("--url", default=url)
     p.set_defaults(func=_admin)
@@ -261,12 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True)
     p.add_argument("--for", dest="minutes", type=float, default=None, metavar="MINUTES")
     p.add_argument("--url", default=url)
+    p.add_argument("--operator", default=operator, help=operator_help)
     p.set_defaults(func=_admin)
     p = sub.add_parser("clear-override", help="end a declaration (manager)")
     p.add_argument("force")
     p.add_argument("--url", default=url)
+    p.add_argument("--operator", default=operator, help=operator_help)
     p.set_defaults(func=_admin)
     return parser
+
+
+def _login() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no name: the router will ask
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

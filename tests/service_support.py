@@ -17,6 +17,7 @@ from router.config import load_config
 from router.http.app import RouterApp
 
 ROOT = Path(__file__).resolve().parent.parent
+MANAGER = "Insp. A. Test"  # the person the test manager token belongs to
 TOKENS = {
     "telephony": "t-telephony-secret",
     "viewer": "t-viewer-secret",
@@ -33,7 +34,9 @@ def make_config(tmp: Path, *, mqtt_port: int | None = None, **service: Any) -> P
     raw["mqtt"] = {"enabled": mqtt_port is not None, "host": "127.0.0.1",
                    "port": mqtt_port or 1883}
     raw["service"].update(
-        tokens=[{"env": f"TEST_TOKEN_{i}", "role": role} for i, role in enumerate(TOKENS)],
+        tokens=[{"env": f"TEST_TOKEN_{i}", "role": role,
+                 **({"operator": MANAGER} if role == "manager" else {})}
+                for i, role in enumerate(TOKENS)],
         audit_log=str(tmp / "audit.jsonl"), **service)
     raw["handoff"].update(store=f"sqlite:///{tmp / 'handoffs.db'}", spool_dir=str(tmp / "spool"))
     path = tmp / "forces.yaml"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from service_support import Running, in_test_client, make_config, running_service
 
 from router.engine.model import Reason, Service
@@ -175,6 +177,35 @@ async def test_override_and_clear(api: Running) -> None:
     assert await asyncio.to_thread(api.service.audit.sync)  # the writer thread has written it
     audit = (api.config_path.parent / "audit.jsonl").read_text()
     assert "shift change" in audit
+
+
+async def test_a_declaration_names_a_person(tmp_path: Path) -> None:
+    """A token shared by a control room names nobody: each declaration must say who makes
+    it, and that name (with the token it came through) is what the audit log and the board
+    show, never only a variable's name."""
+    path = make_config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    for token in raw["service"]["tokens"]:
+        token.pop("operator", None)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    async with running_service(path) as api:
+        body = {"state": "down", "reason": "CAD fault"}
+        status, err = await api.call("PUT", "/v1/forces/met/override", "manager", json=body)
+        assert (status, err["field"]) == (400, "operator")
+        status, state = await api.call("PUT", "/v1/forces/met/override", "manager",
+                                       json={**body, "operator": "Ch Insp R. Patel"})
+        assert status == 200 and state["override"]["source"] == "manager:Ch Insp R. Patel"
+        status, err = await api.call("DELETE", "/v1/forces/met/override", "manager")
+        assert (status, err["field"]) == (400, "operator")
+        status, done = await api.call("DELETE", "/v1/forces/met/override?operator=Insp+Q.+Lee",
+                                      "manager")
+        assert status == 200 and done["cleared"] is True
+        assert await asyncio.to_thread(api.service.audit.sync)
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    people = [(r["kind"], r["source"], r["token"]) for r in audit
+              if r["kind"] in ("declaration", "clear")]
+    assert people == [("declaration", "manager:Ch Insp R. Patel", "TEST_TOKEN_2"),
+                      ("clear", "manager:Insp Q. Lee", "TEST_TOKEN_2")]
 
 
 @pytest.mark.parametrize(("force", "body", "status", "field"), [

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from handoff_support import incident
-from service_support import make_config, running_service
+from service_support import MANAGER, make_config, running_service
 
 from adapters import sim
 from router.http.app import _reload_on_hup
@@ -188,7 +188,8 @@ async def test_reloads_applied_and_refused_are_audited_with_who_asked(tmp_path: 
         _reload_on_hup(api.service.runtime)()
     reloads = [r for r in read_audit(tmp_path / "audit.jsonl") if r["kind"] == "reload"]
     assert [(r["outcome"], r["source"]) for r in reloads] == [
-        ("applied", "manager:TEST_TOKEN_2"), ("refused", "manager:TEST_TOKEN_2"),
+        ("applied", f"{MANAGER} (manager:TEST_TOKEN_2)"),
+        ("refused", f"{MANAGER} (manager:TEST_TOKEN_2)"),
         ("refused", "SIGHUP"), ("applied", "SIGHUP")]
     assert all(r["config"] == str(path) and r["force"] is None for r in reloads)
     assert reloads[0]["forces"] == list(api.service.config.forces)

@@ -248,6 +248,10 @@ class Token(Strict):
     max_body_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] | None = None
     # mutual TLS: the subject CN of the verified client certificate this token must come with
     client_cert: str | None = Field(default=None, min_length=1)
+    # the person (or desk) a manager's token belongs to, recorded with every declaration; a
+    # token shared by a control room names none, and each declaration then says who made it
+    operator: str | None = Field(default=None, min_length=1, max_length=100,
+                                 pattern=r"^[^\x00-\x1f\x7f]+$")
 
     @field_validator("env", "signing_key_env")
     @classmethod

@@ -44,6 +44,7 @@ class Principal:
     signing_key: bytes | None = field(default=None, repr=False)  # partners who must sign
     max_body_bytes: int | None = None  # None: the service's default
     client_cert: str | None = None  # mutual TLS: the verified client certificate's CN
+    operator: str | None = None  # the person a manager's token belongs to, if one
 
     @property
     def name(self) -> str:
@@ -78,7 +79,7 @@ class TokenBook:
                 role, _, force = token.role.partition(":")
                 entries.append((_bytes(secret), Principal(
                     role, force or None, token.env, _bytes(key) if key else None,
-                    token.max_body_bytes, token.client_cert)))
+                    token.max_body_bytes, token.client_cert, token.operator)))
                 continue
             missing.append(token)
         self._entries = entries

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from router.engine.model import CentreState, Service
 from router.engine.rules import HomeShare, diversion_json
 from router.http.auth import PRINCIPAL, require
-from router.http.errors import OneLine, read_json
+from router.http.errors import OneLine, fail, query_params, read_json, validate
 from router.http.state import known_force, runtime
 from router.runtime import Runtime
 
@@ -20,6 +20,8 @@ class OverrideRequest(BaseModel):
     state: CentreState
     reason: Annotated[OneLine, Field(min_length=1, max_length=500)]  # one audit log line
     expires_in_s: Annotated[float, Field(gt=0, le=7 * 86400)] | None = None
+    # who declares: required unless the token names its operator
+    operator: Annotated[OneLine, Field(min_length=1, max_length=100)] | None = None
 
     @field_validator("state")
     @classmethod
@@ -65,13 +67,30 @@ async def get_routing_table(request: web.Request) -> web.Response:
     return web.json_response({"routing": rt.calls.routing_table(rt.watcher.snapshot)})
 
 
+def _declarer(request: web.Request, given: str | None) -> tuple[str, str]:
+    """(`manager:WHO`, the token's variable): a declaration names a person, never only a
+    variable; the `manager:` prefix keeps the kind of source (a metric label) apart."""
+    principal = request[PRINCIPAL]
+    who = given or principal.operator
+    if who is None:
+        fail(400, "invalid", "operator: required: say who is declaring (this token names no "
+             "operator)", "operator")
+    return f"manager:{who}", principal.env
+
+
+class ClearQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    operator: Annotated[OneLine, Field(min_length=1, max_length=100)] | None = None
+
+
 @require("manager")
 async def put_override(request: web.Request) -> web.Response:
     rt = runtime(request)
     force = known_force(rt, request.match_info["force"], "force", status=404)
     body = await read_json(request, OverrideRequest)
+    who, token = _declarer(request, body.operator)
     rt.watcher.override(force, body.state, body.reason, expires_in_s=body.expires_in_s,
-                        source=f"manager:{request[PRINCIPAL].env}")
+                        source=who, token=token)
     return web.json_response({"force": force, **rt.watcher.status()[force]})
 
 
@@ -79,7 +98,8 @@ async def put_override(request: web.Request) -> web.Response:
 async def delete_override(request: web.Request) -> web.Response:
     rt = runtime(request)
     force = known_force(rt, request.match_info["force"], "force", status=404)
-    cleared = rt.watcher.clear_override(force, source=f"manager:{request[PRINCIPAL].env}")
+    who, token = _declarer(request, validate(ClearQuery, query_params(request)).operator)
+    cleared = rt.watcher.clear_override(force, source=who, token=token)
     return web.json_response({"force": force, "cleared": cleared, **rt.watcher.status()[force]})
 
 

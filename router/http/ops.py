@@ -30,7 +30,10 @@ class Reloaded(TypedDict):  # the OpenAPI schema is derived from it
 @require("manager")
 async def post_reload(request: web.Request) -> web.Response:
     try:
-        reloaded = runtime(request).reload(source=f"manager:{request[PRINCIPAL].env}")
+        principal = request[PRINCIPAL]
+        token = f"manager:{principal.env}"
+        who = f"{principal.operator} ({token})" if principal.operator else token
+        reloaded = runtime(request).reload(source=who)
     except ConfigError as exc:
         log.error("config reload refused; keeping the running config:\n%s", exc)
         return web.json_response(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -67,15 +68,19 @@ async def status(url: str) -> str:
     return format_status(forces, routing)
 
 
-async def override(url: str, force: str, state: str, reason: str, minutes: float | None) -> str:
+async def override(url: str, force: str, state: str, reason: str, minutes: float | None,
+                   operator: str | None) -> str:
     body: dict[str, Any] = {"state": state, "reason": reason}
+    if operator:
+        body["operator"] = operator
     if minutes is not None:
         body["expires_in_s"] = minutes * 60
     data = await call(url, "PUT", f"/v1/forces/{force}/override", body)
     return f"{force} declared {state} ({reason}); state now {data.get('state')}"
 
 
-async def clear_override(url: str, force: str) -> str:
-    data = await call(url, "DELETE", f"/v1/forces/{force}/override")
+async def clear_override(url: str, force: str, operator: str | None) -> str:
+    query = f"?{urllib.parse.urlencode({'operator': operator})}" if operator else ""
+    data = await call(url, "DELETE", f"/v1/forces/{force}/override{query}")
     done = "cleared" if data.get("cleared") else "had no declaration"
     return f"{force} {done}; state now {data.get('state')}"

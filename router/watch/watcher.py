@@ -104,20 +104,22 @@ class Watcher:
     # ---- manual declarations ------------------------------------------------------------
 
     def override(self, force: str, state: CentreState, reason: str, *,
-                 expires_in_s: float | None, source: str) -> None:
+                 expires_in_s: float | None, source: str, token: str | None = None) -> None:
+        """A manager's declaration; `source` names who made it, `token` what they used."""
         m = self._machines[force]  # KeyError for an unknown force: callers validate first
         now = self._clock()
         expires_at = None if expires_in_s is None else now + expires_in_s
         self._audit.record("declaration", force=force, before=m.state.value, after=state.value,
-                           source=source, reason=reason, expires_in_s=expires_in_s)
+                           source=source, reason=reason, expires_in_s=expires_in_s,
+                           token=token)
         self._apply(force, m.declare(Override(state, reason, source, now, expires_at), now))
 
-    def clear_override(self, force: str, *, source: str) -> bool:
+    def clear_override(self, force: str, *, source: str, token: str | None = None) -> bool:
         m = self._machines[force]
         if m.override is None:
             return False
         self._audit.record("clear", force=force, before=m.override.state.value, after="automatic",
-                           source=source, reason=f"cleared: {m.override.reason}")
+                           source=source, reason=f"cleared: {m.override.reason}", token=token)
         self._apply(force, m.clear(self._clock()))
         return True
 
