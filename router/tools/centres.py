@@ -63,5 +63,7 @@ class SimCentre:
             "calls_waiting": len(self.waiting),
             "handlers_available": max(self.handlers - len(self.busy), 0),
             "handlers_on_duty": self.handlers,
-            "oldest_wait_s": round(now - self.waiting[0][0], 1) if self.waiting else 0.0,
+            # max: a call may join the queue after `now` was read, while telemetry is sent
+            "oldest_wait_s": max(round(now - self.waiting[0][0], 1), 0.0) if self.waiting
+            else 0.0,
         }
