@@ -69,12 +69,17 @@ class CallDesk:
 
     def end(self, call_id: str) -> bool:
         """Free a call's capacity; ending an unknown or ended call is a harmless no-op."""
+        return self.finish(call_id) is not None
+
+    def finish(self, call_id: str) -> str | None:
+        """End a call and say which centre it was sent to (None if unknown or already ended),
+        so how it ended there can be counted against that centre once."""
         call = self.ledger.end(call_id)
         if call is None:
-            return False
+            return None
         self._records.pop(call_id, None)
         metrics.child(metrics.CALLS_IN_FLIGHT, call.destination).dec()
-        return True
+        return call.destination
 
     def expire(self, limit: int = 100) -> int:
         """End calls older than the configured maximum: a lost hang-up must not leak capacity.

@@ -1,8 +1,9 @@
-"""HTTP handlers for calls: where a call goes (POST and GET /v1/route), and its end."""
+"""HTTP handlers for calls: where a call goes (POST and GET /v1/route), and its end (with how
+it ended at the centre, which feeds passive health)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,8 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from router.engine.calls import CallConflict
 from router.engine.model import DecisionRecord, Service
 from router.http.auth import require
-from router.http.errors import CallId, OneLine, fail, query_params, read_json, validate
+from router.http.errors import (
+    CallId,
+    OneLine,
+    fail,
+    parse_body,
+    query_params,
+    read_body,
+    read_json,
+    validate,
+)
 from router.http.state import known_force, runtime
+from router.watch.outliers import outcome_of
 
 
 class RouteRequest(BaseModel):
@@ -57,10 +68,26 @@ async def get_route(request: web.Request) -> web.Response:
     return web.json_response(record)
 
 
+class CallEnd(BaseModel):
+    """How the call ended at the centre it was sent to; optional, for passive health."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    outcome: Literal["answered", "failed", "no_answer", "cancelled"] | None = None
+    sip_code: Annotated[int, Field(ge=100, le=699)] | None = None
+
+
 @require("telephony")
 async def end_call(request: web.Request) -> web.Response:
+    """Free the call's capacity; an outcome other than `answered` counts against the centre
+    (an empty body, or `{}`, says nothing about how it ended)."""
     call = validate(CallRef, {"call_id": request.match_info["call_id"]})
-    runtime(request).calls.end(call.call_id)
+    raw = await read_body(request)
+    ended = parse_body(raw, CallEnd) if raw.strip() else CallEnd()
+    rt = runtime(request)
+    destination = rt.calls.finish(call.call_id)
+    outcome = outcome_of(ended.outcome, ended.sip_code)
+    if destination is not None and outcome is not None:  # once per call: a retry is a no-op
+        rt.watcher.call_outcome(destination, outcome)
     return web.Response(status=204)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated, Literal
 
@@ -12,10 +13,13 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 
 from router.config import ConfigError
 from router.engine.model import CentreState
+from router.handoff.desk import HandoffDesk
 from router.http.auth import PRINCIPAL, require
 from router.http.state import runtime
 
 log = logging.getLogger(__name__)
+
+READY_STORE_TIMEOUT_S = 1.0
 
 
 class Reloaded(TypedDict):  # the OpenAPI schema is derived from it
@@ -33,7 +37,7 @@ async def post_reload(request: web.Request) -> web.Response:
         principal = request[PRINCIPAL]
         token = f"manager:{principal.env}"
         who = f"{principal.operator} ({token})" if principal.operator else token
-        reloaded = runtime(request).reload(source=who)
+        reloaded = await runtime(request).reload_async(source=who)
     except ConfigError as exc:
         log.error("config reload refused; keeping the running config:\n%s", exc)
         return web.json_response(
@@ -53,14 +57,43 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+class Readiness(TypedDict):  # the OpenAPI schema is derived from it
+    """Whether this router can do its own job; centres' health is not its readiness."""
+
+    status: Literal["ready", "not_ready"]
+    checks: Annotated[dict[str, str], Field(
+        description="per dependency: `ok`, or what is wrong (config, handoff_store)")]
+    no_evidence_yet: Annotated[list[str], Field(
+        description="centres with no evidence yet: informational, never makes it unready")]
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Ready once every centre has some evidence: before that, decisions would be guesses."""
+    """Ready while the router's own dependencies are: a config loaded, and the handoff store
+    answering a read within READY_STORE_TIMEOUT_S when the handoff desk runs. A force's
+    outage (or a centre not yet probed) is the router's business to route around, not a
+    reason for a load balancer to take the router away: 999 calls would lose it too."""
     rt = runtime(request)
+    checks = {"config": "ok" if rt.config.forces else "no config loaded",
+              "handoff_store": await _store_check(rt.desk)}
     snapshot = rt.watcher.snapshot
-    waiting = [f for f in rt.config.forces if snapshot.get(f).state is CentreState.UNKNOWN]
-    if waiting:
-        return web.json_response({"status": "waiting", "no_evidence_yet": waiting}, status=503)
-    return web.json_response({"status": "ready"})
+    unknown = [f for f in rt.config.forces if snapshot.get(f).state is CentreState.UNKNOWN]
+    ready = all(v in ("ok", "not used") for v in checks.values())
+    return web.json_response(
+        Readiness(status="ready" if ready else "not_ready", checks=checks,
+                  no_evidence_yet=unknown), status=200 if ready else 503)
+
+
+async def _store_check(desk: HandoffDesk | None) -> str:
+    if desk is None:
+        return "not used"
+    try:
+        async with asyncio.timeout(READY_STORE_TIMEOUT_S):
+            await desk.store.get("readyz")
+    except TimeoutError:
+        return f"no answer within {READY_STORE_TIMEOUT_S:g}s"
+    except Exception as exc:  # any failure of the store is the answer here
+        return f"unreachable: {type(exc).__name__}: {exc}"[:200]
+    return "ok"
 
 
 def add_routes(app: web.Application) -> None:

@@ -5,7 +5,11 @@ bench drive it in virtual time and the live watcher drives it from probes and MQ
 
 Evidence per component (telephony, CAD):
 - each probe flips down after `unhealthy_threshold` consecutive failures and up after
-  `healthy_threshold` consecutive successes (HAProxy `fall`/`rise`);
+  `healthy_threshold` consecutive successes (HAProxy `fall`/`rise`); while it is counting
+  either way it is on an edge, and `edge_interval` tells the prober to confirm quickly
+  (Envoy's `unhealthy_edge_interval`/`healthy_edge_interval`, HAProxy's `fastinter`);
+- calls failing at the centre (router/watch/outliers.py) eject it: telephony counts as down
+  until the ejection ends, as if its probes had failed;
 - fresh telemetry `telephony_up`/`cad_up` counts at once (how a centre reports within 100 ms);
 - any "down" wins; a component with no evidence left is unknown, except that a component last
   seen down stays down until something shows it up: stale never silently means healthy.
@@ -101,6 +105,21 @@ def under_leave(t: Telemetry, levels: OverloadLevels) -> bool:
                  or t.handlers_available >= levels.handlers_available_below))
 
 
+def _edge(track: _ProbeTrack | None, th: Health) -> float | None:
+    """Failing while up, or answering while down: on an edge, to be confirmed quickly."""
+    if track is not None and track.fails and track.up is not False:
+        return th.unhealthy_edge_interval_s
+    if track is not None and track.oks and track.up is False:
+        return th.healthy_edge_interval_s
+    return None
+
+
+def _kept(track: _ProbeTrack | None, component: Component) -> _ProbeTrack:
+    """A probe's evidence kept over a reload, unless it now watches another component."""
+    return track if track is not None and track.component is component \
+        else _ProbeTrack(component)
+
+
 class CentreHealth:
     """The state machine of one centre. Every input returns the `Transition` it caused, if any."""
 
@@ -120,6 +139,7 @@ class CentreHealth:
         self._holds = 0
         self._recovering_since: float | None = None
         self._was_down = False
+        self._ejected: tuple[float, str] | None = None  # (until, why): calls failing here
         self.override: Override | None = None
         self.state = CentreState.UNKNOWN
         self.since = 0.0
@@ -144,6 +164,15 @@ class CentreHealth:
                 track.up = False
                 track.detail = f"{probe}: {detail or 'failed'} x{track.fails}"
         return self._settle(now)
+
+    def eject(self, until: float, reason: str, now: float) -> Transition | None:
+        """Calls fail here though probes may pass: telephony counts as down until `until`."""
+        self._ejected = (until, reason)
+        return self._settle(now)
+
+    def edge_interval(self, probe: str) -> float | None:
+        """The short interval to probe at while a probe's verdict is being confirmed."""
+        return _edge(self._probes.get(probe), self._health)
 
     def telemetry(self, reading: Telemetry, measured_at: float, now: float) -> Transition | None:
         """A valid reading, `measured_at` already converted to the machine's clock."""
@@ -183,12 +212,8 @@ class CentreHealth:
     def reconfigure(self, health: Health, centre: Centre, now: float) -> Transition | None:
         """New settings after a config reload; evidence of probes that remain is kept."""
         old = self._probes
-        self._probes = {}
-        for p in centre.probes:
-            pid, component = probe_id(p), Component(p.component)
-            kept = old.get(pid)
-            self._probes[pid] = kept if kept and kept.component is component \
-                else _ProbeTrack(component)
+        self._probes = {probe_id(p): _kept(old.get(probe_id(p)), Component(p.component))
+                        for p in centre.probes}
         self._health, self._centre = health, centre
         return self._settle(now)
 
@@ -226,7 +251,7 @@ class CentreHealth:
 
     def next_deadline(self, now: float) -> float | None:
         """The next moment `tick` could change something, so the owner can sleep until then."""
-        moments = [self._hold_until]
+        moments = [self._hold_until, self._ejected[0] if self._ejected else None]
         if self.override is not None:
             moments.append(self.override.expires_at)
         if self._telemetry_at is not None and self._frozen_at is None:
@@ -250,6 +275,8 @@ class CentreHealth:
         for track in self._probes.values():
             if track.component is component and track.up is not None:
                 (up if track.up else down).append(_Verdict(track.up, "probe", track.detail))
+        if component is Component.TELEPHONY and self._ejected and now < self._ejected[0]:
+            down.append(_Verdict(False, "outlier", self._ejected[1]))
         t = self.fresh_telemetry(now)
         if t is not None and self._centre.telemetry:
             flag = t.telephony_up if component is Component.TELEPHONY else t.cad_up
