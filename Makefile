@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# make demo PORT=8081 DURATION=180
+PORT ?= 8080
 demo: $(STAMP)
-	$(BIN)/overflow-router demo
+	$(BIN)/overflow-router demo --port $(PORT) $(if $(DURATION),--duration $(DURATION))
 
 test: $(STAMP)
 	$(BIN)/overflow-router validate config/forces.yaml >/dev/null
@@ -27,6 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# ten minutes of route and handoff load with a fault every 3 s; RSS, FDs and lost handoffs
+soak: $(STAMP)
+	OVERFLOW_SOAK_S=$${OVERFLOW_SOAK_S:-600} $(BIN)/pytest -q -s -p no:cacheprovider tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -98,6 +98,12 @@ class AdapterUnavailable(Exception):
     """The CAD could not be reached or did not answer in time: worth another attempt."""
 
 
+class Deferred(AdapterUnavailable):
+    """The CAD answered, but could not take this handoff now (a 5xx for it, a 429): worth
+    another attempt later, for this handoff alone. The CAD itself is up, so the rest of its
+    backlog goes on meanwhile."""
+
+
 class AdapterConfigError(ValueError):
     """A force's `cad:` block names an unknown adapter or carries invalid options."""
 

@@ -63,6 +63,7 @@ from adapters.base import (
     Answer,
     AnswerRefused,
     AnswerText,
+    Deferred,
     Delivery,
     Outcome,
     Reconnecting,
@@ -322,7 +323,7 @@ class EidoAdapter:
                        duplicate=code == 208)
         if 400 <= code < 500 and code not in (408, 429):
             return Refusal(f"EIDO eventResponse {code} {text}".strip())
-        raise AdapterUnavailable(f"EIDO eventResponse {code} {text}".strip())
+        raise Deferred(f"EIDO eventResponse {code} {text}".strip())
 
     async def aclose(self) -> None:
         if self._keeper is not None:

@@ -29,6 +29,7 @@ from adapters.base import (
     AdapterContext,
     AdapterOptions,
     AdapterUnavailable,
+    Deferred,
     Delivery,
     Outcome,
     Refusal,
@@ -110,7 +111,7 @@ class HttpJsonAdapter:
             message = answer.get("message")
             reason = message if isinstance(message, str) and message else raw
             return Refusal(f"HTTP {status}: {excerpt(reason)}")
-        raise AdapterUnavailable(f"HTTP {status}: {excerpt(raw)}")
+        raise Deferred(f"HTTP {status}: {excerpt(raw)}")
 
     async def aclose(self) -> None:
         if self._session is not None:

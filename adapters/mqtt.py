@@ -47,6 +47,7 @@ from adapters.base import (
     Answer,
     AnswerRefused,
     AnswerText,
+    Deferred,
     Delivery,
     Outcome,
     Reconnecting,
@@ -243,7 +244,7 @@ class MqttAdapter:
                        duplicate=status == "duplicate")
         if status == "refused":
             return Refusal(excerpt(str(ack.get("reason") or "refused by the CAD")))
-        raise AdapterUnavailable(f"CAD answered {excerpt(repr(status))}")
+        raise Deferred(f"CAD answered {excerpt(repr(status))}")
 
     async def aclose(self) -> None:
         if self._keeper is not None:

@@ -87,6 +87,7 @@ from adapters.base import (
     Answer,
     AnswerRefused,
     AnswerText,
+    Deferred,
     Delivery,
     Outcome,
     Refusal,
@@ -407,7 +408,7 @@ class Ucri2Adapter:
             message = answer.get("message") or answer.get("cause")
             reason = message if isinstance(message, str) and message else raw
             return Refusal(f"UCRI2 transfer HTTP {status}: {excerpt(reason)}")
-        raise AdapterUnavailable(f"UCRI2 transfer HTTP {status}: {excerpt(raw)}")
+        raise Deferred(f"UCRI2 transfer HTTP {status}: {excerpt(raw)}")
 
     async def update(self, status: Mapping[str, Any]) -> None:
         """Tell this force's CAD how a handoff it sent is going (Updates protocol)."""

@@ -147,10 +147,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from router.tools.demo import run_demo
+    from router.tools.demo import Options, run_demo
 
     _logging("WARNING", "           %(name)s: %(message)s")  # the demo narrates; logs stay terse
-    return asyncio.run(run_demo(port=args.port, duration_s=args.duration))
+    return asyncio.run(run_demo(options=Options(port=args.port, duration_s=args.duration,
+                                                mqtt_port=args.mqtt_port)))
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the service on simulated centres, with a Met outage")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--mqtt-port", type=int, default=None,
+                   help="use the MQTT broker on this loopback port (default: start a private "
+                        "mosquitto if installed; never a shared one unasked)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("audit", help="the audit log: check its hash chain")

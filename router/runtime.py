@@ -3,6 +3,7 @@ and the reload that swaps a new config into all of them at once."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -12,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapters.base import AdapterConfigError
+from adapters.base import Adapter, AdapterConfigError
 from router.config import ConfigError, ConfigIssue, RouterConfig, Token, load_config
 from router.engine.calls import CallDesk
 from router.handoff.desk import HandoffDesk
 from router.infra import metrics
 from router.infra.audit import AuditLog
 from router.infra.mqtt_link import MqttLink
+from router.watch.keeper import Keeper
 from router.watch.publisher import Publisher
 from router.watch.watcher import Watcher
 
@@ -62,6 +64,9 @@ class Runtime:
     publisher: Publisher | None = None
     started: RouterConfig = field(init=False)  # what the RESTART_ONLY settings still are
     certificates: Certificates | None = None  # set while serving HTTPS
+    keeper: Keeper | None = None  # declarations on disk and shared between routers
+
+    _reload_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.started = self.config
@@ -75,21 +80,48 @@ class Runtime:
         Applied or refused, the reload is audited with `source`: who asked (`SIGHUP`, or the
         manager's principal, `manager:TOKEN_ENV`).
         """
-        if self.config_path is None:  # the demo builds its config in memory
-            nothing = ConfigError([ConfigIssue(
-                "(none)", 0, "(file)", "started without a config file: nothing to reload")])
-            self._audit_refused(source, nothing)
-            raise nothing
         try:
-            config = load_config(self.config_path)
+            config = _read(self.config_path)
+        except ConfigError as exc:
+            self._refused(source, exc)
+            raise
+        return self._swap(config, source)
+
+    async def reload_async(self, *, source: str = "manager") -> Reloaded:
+        """`reload`, with the file read, parsed and validated in a thread, so a large file or
+        a slow disk never stalls routing; the swap itself runs on the loop, awaiting nothing
+        (so the audit chain is only ever written from the loop). One reload at a time."""
+        async with self._reload_lock:
+            try:
+                config = await asyncio.to_thread(_read, self.config_path)
+                built = (None if self.desk is None else
+                         await asyncio.to_thread(self._built_for, self.desk, config))
+            except ConfigError as exc:
+                self._refused(source, exc)
+                raise
+            try:
+                return self._swap(config, source, built)
+            except ConfigError:  # refused after all (a certificate): the new adapters go
+                for adapter in (built or {}).values():
+                    await adapter.aclose()
+                raise
+
+    def _refused(self, source: str, exc: ConfigError) -> None:
+        metrics.CONFIG_RELOADS.labels("refused").inc()
+        _config_metrics(None)
+        self._audit_refused(source, exc)
+
+    def _swap(self, config: RouterConfig, source: str,
+              built: dict[str, Adapter] | None = None) -> Reloaded:
+        """Apply a validated config to every part (with the CAD adapters `built` for it
+        already, off the loop), or raise ConfigError and change nothing."""
+        try:
             if self.certificates is not None:  # renewed files; before any swap, as it may refuse
                 self.certificates.reload()
             if self.desk is not None:
-                self._reconfigure_desk(self.desk, config)
+                self._reconfigure_desk(self.desk, config, built)
         except ConfigError as exc:
-            metrics.CONFIG_RELOADS.labels("refused").inc()
-            _config_metrics(None)
-            self._audit_refused(source, exc)
+            self._refused(source, exc)
             raise
         self.config = config
         self.calls.reconfigure(config)
@@ -122,15 +154,33 @@ class Runtime:
                              outcome="refused", config=str(self.config_path),
                              issues=[str(i) for i in exc.issues])
 
-    def _reconfigure_desk(self, desk: HandoffDesk, config: RouterConfig) -> None:
+    def _built_for(self, desk: HandoffDesk, config: RouterConfig) -> dict[str, Adapter]:
         try:
-            desk.reconfigure(config)
+            return desk.build(config)
         except AdapterConfigError as exc:
-            issues = []
-            for line in str(exc).splitlines():  # one `forces.X.cad: message` a line
-                key, _, message = line.partition(": ")
-                issues.append(ConfigIssue(str(self.config_path), 0, key, message))
-            raise ConfigError(issues) from None
+            raise self._adapter_issues(exc) from None
+
+    def _reconfigure_desk(self, desk: HandoffDesk, config: RouterConfig,
+                          built: dict[str, Adapter] | None = None) -> None:
+        try:
+            desk.reconfigure(config, built)
+        except AdapterConfigError as exc:
+            raise self._adapter_issues(exc) from None
+
+    def _adapter_issues(self, exc: AdapterConfigError) -> ConfigError:
+        issues = []
+        for line in str(exc).splitlines():  # one `forces.X.cad: message` a line
+            key, _, message = line.partition(": ")
+            issues.append(ConfigIssue(str(self.config_path), 0, key, message))
+        return ConfigError(issues)
+
+
+def _read(path: Path | None) -> RouterConfig:
+    """The config file parsed and validated; safe to run in a thread (it touches no state)."""
+    if path is None:  # the demo builds its config in memory
+        raise ConfigError([ConfigIssue(
+            "(none)", 0, "(file)", "started without a config file: nothing to reload")])
+    return load_config(path)
 
 
 def config_hash(config: RouterConfig) -> str:

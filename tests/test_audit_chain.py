@@ -183,9 +183,9 @@ async def test_reloads_applied_and_refused_are_audited_with_who_asked(tmp_path: 
         path.write_text(good.replace("handlers_on_duty: 120", "handlers_on_duty: -1"))
         status, body = await api.call("POST", "/v1/admin/reload", "manager")
         assert status == 422 and body["error"] == "config_invalid"
-        _reload_on_hup(api.service.runtime)()  # what SIGHUP runs; refused too
+        await _reload_on_hup(api.service.runtime)()  # what SIGHUP runs; refused too
         path.write_text(good)
-        _reload_on_hup(api.service.runtime)()
+        await _reload_on_hup(api.service.runtime)()
     reloads = [r for r in read_audit(tmp_path / "audit.jsonl") if r["kind"] == "reload"]
     assert [(r["outcome"], r["source"]) for r in reloads] == [
         ("applied", f"{MANAGER} (manager:TEST_TOKEN_2)"),

@@ -76,8 +76,8 @@ CHECKS: list[CheckFunction] = [
     schemathesis.checks.unsupported_method,  # 405 with Allow for a method the path lacks
     errors_follow_the_contract,
 ]
-# 503 is /readyz's documented answer until every centre has evidence, not a server error;
-# its body is held to the Waiting schema
+# 503 is /readyz's documented answer while a dependency (the handoff store) is not, not a
+# server error; its body is held to the Readiness schema
 READYZ_CHECKS = [c for c in CHECKS if c is not schemathesis.checks.not_a_server_error]
 
 

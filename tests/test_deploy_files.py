@@ -267,9 +267,15 @@ def test_systemctl_reload_refuses_a_bad_file_before_any_signal(tmp_path: Path) -
                 break
             time.sleep(0.05)
         assert after['overflow_config_reloads_total{outcome="applied"}'] == 1
-        audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
-        assert [(r["kind"], r.get("source"), r.get("outcome")) for r in audit
-                if r["kind"] == "reload"] == [("reload", "SIGHUP", "applied")]
+        for _ in range(100):  # the audit log's writer thread appends a moment later
+            audit = [json.loads(line)
+                     for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+            reloads = [(r["kind"], r.get("source"), r.get("outcome")) for r in audit
+                       if r["kind"] == "reload"]
+            if reloads:
+                break
+            time.sleep(0.05)
+        assert reloads == [("reload", "SIGHUP", "applied")]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

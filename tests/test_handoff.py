@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from conftest import served
 from handoff_support import Cads, inc, incident, make_config, reaches, status_of, wait_for
 
 from adapters import sim
 from adapters.sim import sim_cad
+from router.handoff import delivery
 from router.handoff.desk import open_desk
 from router.infra import metrics
 
@@ -193,3 +196,62 @@ def test_csv_sheet_neutralises_formulas_and_keeps_blanks() -> None:
     row = next(csv.DictReader(io.StringIO(render_csv([sheet]))))
     assert row["summary"] == "'=HYPERLINK(\"x\")" and row["lon"] == "-0.5"
     assert row["call_id"] == "" and row["address"] == ""
+
+
+async def test_one_handoff_a_cad_keeps_refusing_does_not_hold_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A P1 the CAD answers 503 for (it alone) is put aside with its own backoff; every other
+    handoff to that CAD is delivered meanwhile, and the P1 too once the CAD takes it."""
+    monkeypatch.setattr(delivery, "DEFER_MAX_S", 0.5)  # however slow the machine, back soon
+    poison = {"ok": False}
+    got: list[str] = []
+
+    async def cad(request: web.Request) -> web.Response:
+        body = await request.text()  # whatever the wire shape, it names the incident
+        if "KENT-000000" in body and not poison["ok"]:
+            return web.json_response({"message": "internal error"}, status=503)
+        got.append(body)
+        return web.json_response({"reference": "OK"}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/incidents", cad)
+    async with served(app) as port:
+        config = make_config(tmp_path, cads={"essex": {"adapter": "http_json", "options": {
+            "url": f"http://127.0.0.1:{port}/incidents", "timeout_s": 2}}})
+        async with open_desk(config, alert=lambda a: None, cad_up=Cads()) as desk:
+            first = (await desk.submit(inc(0, to="essex", priority="P1")))[0]
+            others = [(await desk.submit(inc(n, to="essex", priority="P1")))[0]
+                      for n in range(1, 21)]
+            for h in others:
+                await wait_for(lambda h=h: reaches(desk, h["id"], "delivered"))
+            held = await desk.get(first["id"])  # put aside (perhaps being tried again now)
+            assert held is not None and held["status"] in ("held", "delivering")
+            assert any("cannot take it now" in h.get("detail", "") for h in held["history"])
+            poison["ok"] = True
+            await wait_for(lambda: reaches(desk, first["id"], "delivered"), 10)
+    assert len(got) == 21
+    assert metrics.HANDOFF_DEFERRALS.labels("essex")._value.get() >= 1
+
+
+async def test_an_escalation_whose_sheet_was_lost_in_a_crash_is_completed_on_restart(
+        tmp_path: Path) -> None:
+    """Killed between recording `escalated` and writing the paper sheet and alert: the
+    restarted desk finds the escalation on record without its sheet, and does the rest."""
+    cads = Cads()
+    cads.up["tvp"] = False
+    alerts: list[dict[str, Any]] = []
+    config = make_config(tmp_path, deadlines_s={"P1": 0.2, "P2": 30, "P3": 60, "P4": 60})
+    async with open_desk(config, alert=alerts.append, cad_up=cads) as desk:
+        urgent, _ = await desk.submit(inc(1, to="tvp", priority="P1"))
+        await wait_for(lambda: len(alerts) == 1)
+    sheet = Path(alerts[0]["sheet"])
+    for lost in (sheet, Path(alerts[0]["csv"])):  # as if the process had died before them
+        await asyncio.to_thread(lost.unlink)
+    replayed: list[dict[str, Any]] = []
+    async with open_desk(config, alert=replayed.append, cad_up=cads) as desk:
+        await wait_for(lambda: len(replayed) == 1)
+        assert await status_of(desk, urgent["id"]) == "escalated"
+    assert replayed[0]["handoff_id"] == urgent["id"] and await asyncio.to_thread(sheet.exists)
+    async with open_desk(config, alert=replayed.append, cad_up=cads):
+        await asyncio.sleep(0.3)  # the sheet is there now: no second alert
+    assert len(replayed) == 1

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from router.config.health import Health, PosFloat
 from router.engine.model import Service
 
 FORCE_ID = r"^[a-z][a-z0-9_]{1,31}$"
@@ -25,7 +26,6 @@ ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 Priority = Literal["P1", "P2", "P3", "P4"]  # of an incident handoff; P1 most urgent
 
 NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0)]
 SIP_URI = r"^sips?:[^\s]+$"
 ROLE = r"^(telephony|viewer|manager|partner:[a-z][a-z0-9_]*)$"
 MQTT_PREFIX = r"^[^#+]*/$"
@@ -380,39 +380,6 @@ class Mqtt(Strict):
     username_env: str | None = None
     password_env: str | None = None
     tls: MqttTls | None = None  # absent: plain TCP
-
-
-class Recovery(Strict):
-    ramp: tuple[Annotated[float, Field(gt=0, le=1)], ...] = (0.25, 0.5, 0.75, 1.0)
-    step_s: PosFloat = 30.0
-
-    @field_validator("ramp")
-    @classmethod
-    def _ramp(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not value or list(value) != sorted(value) or value[-1] != 1.0:
-            raise ValueError("ramp must rise and end at 1.0")
-        return value
-
-
-class FlapDamping(Strict):
-    window_s: PosFloat = 60.0
-    max_transitions: Annotated[int, Field(ge=1)] = 2
-    hold_s: PosFloat = 30.0
-    max_hold_s: PosFloat = 600.0
-
-
-class Health(Strict):
-    """Defaults for every centre's watcher, in Envoy/HAProxy vocabulary."""
-
-    interval_s: PosFloat = 0.25
-    timeout_s: PosFloat = 0.2
-    jitter: Annotated[float, Field(ge=0, le=0.5)] = 0.1
-    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
-    healthy_threshold: Annotated[int, Field(ge=1)] = 3
-    telemetry_max_age_s: PosFloat = 10.0
-    fail_static_s: PosFloat = 60.0
-    recovery: Recovery = Recovery()
-    flap_damping: FlapDamping = FlapDamping()
 
 
 class HandoffRetry(Strict):

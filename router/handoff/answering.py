@@ -13,7 +13,7 @@ from typing import Any
 from adapters.base import Answer, AnswerRefused
 from router.handoff.answers import reoffer, step_for
 from router.handoff.escalation import Alert
-from router.handoff.incident import Status
+from router.handoff.incident import TERMINAL, Status
 from router.handoff.live import Live
 from router.handoff.notices import Notices, status_message
 from router.handoff.store import HandoffStore, HistoryEntry, StatusChange, StoredHandoff
@@ -82,3 +82,27 @@ class Answering:
             self.track(Live(h.id, step.to, h.priority, h.accepted_at, h.incident,
                             Status.OFFERED))
         return await self.store.get(h.id) or h
+
+    async def on_paper(self, hid: str, operator: str, reason: str,
+                       drop: Callable[[str], None]) -> StoredHandoff | None:
+        """A manager's word that the control room handles `hid` on paper: `drop` stops its
+        delivery first, so no attempt starts meanwhile; then recorded (who and why) as final,
+        so no deadline escalates it again, and the sender is told. None if there is no such
+        handoff. Raises AnswerRefused (`conflict`) if it is final already, StoreError."""
+        async with self._lock:
+            h = await self.store.get(hid)
+            if h is None:
+                return None
+            if h.status in TERMINAL:
+                raise AnswerRefused("conflict", f"handoff {hid} is {h.status}: nothing to stop")
+            drop(hid)
+            self.awaiting.pop(hid, None)
+            now = self.clock()
+            entry = HistoryEntry(now, Status.ON_PAPER,
+                                 f"handled on paper by {operator}: {reason}",
+                                 {"by": operator, "note": reason})
+            await self.store.record(StatusChange(hid, entry.status, now, entry.detail,
+                                                 h.attempts, data=entry.data))
+        metrics.HANDOFF_OUTCOMES.labels(h.to_force, Status.ON_PAPER).inc()
+        self.notices.tell(status_message(h.id, h.incident, h.to_force, h.priority, entry))
+        return await self.store.get(hid) or h

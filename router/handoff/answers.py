@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from adapters.base import OUTCOMES, Answer, AnswerRefused
 from router.config import RouterConfig
 from router.engine.model import Service
-from router.handoff.incident import Status
+from router.handoff.incident import TERMINAL, Status
 from router.handoff.store import HistoryEntry, StoredHandoff
 
 ANSWERED = {"acknowledgement": (Status.ACKNOWLEDGED, Status.REJECTED),
@@ -63,7 +63,7 @@ def step_for(h: StoredHandoff, answer: Answer) -> Step | None:
             return None
         raise AnswerRefused("conflict", f"handoff {h.id} was already answered: {before.status} "
                             f"({before.data.get('outcome')}) at the destination")
-    if h.status in (Status.FAILED, Status.REJECTED, Status.COMPLETED):
+    if h.status in TERMINAL:
         raise AnswerRefused("conflict", f"handoff {h.id} is {h.status}: it takes no answers")
     if h.delivered_at is None:
         raise AnswerRefused("not_delivered", f"handoff {h.id} is not delivered yet "

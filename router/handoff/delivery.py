@@ -1,6 +1,11 @@
 """Delivery to one destination's CAD: its backlog in priority order, at most
 `handoff.max_concurrency` deliveries in flight, each retried with exponential backoff and jitter
-(tenacity) and bounded by a timeout, behind the destination's circuit breaker."""
+(tenacity) and bounded by a timeout, behind the destination's circuit breaker.
+
+Two kinds of failure are told apart. A CAD that cannot be reached trips the breaker: the
+whole backlog is held. A CAD that answers but cannot take one handoff (`Deferred`: a 5xx for
+it) puts that handoff aside with its own growing backoff, and the rest of the backlog goes on:
+one bad handoff never holds its destination."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from tenacity import (
     wait_random,
 )
 
-from adapters.base import Ack, Adapter, AdapterUnavailable, Delivery, Refusal
+from adapters.base import Ack, Adapter, AdapterUnavailable, Deferred, Delivery, Refusal
 from router.config import Handoff
 from router.handoff.breaker import CadBreaker
 from router.handoff.cads import CadLease
@@ -29,6 +34,8 @@ from router.handoff.store import storable
 from router.infra import metrics
 
 log = logging.getLogger(__name__)
+
+DEFER_MAX_S = 300.0  # a deferred handoff is tried again at least this often
 
 
 @dataclass(slots=True)
@@ -75,6 +82,7 @@ class Courier:
         self.slots = Slots(settings.max_concurrency)
         self.retry = settings.retry
         self.queue: list[tuple[tuple[int, float, str], Live]] = []
+        self.deferred: list[tuple[float, str, Live]] = []  # (not before, id, handoff)
         self.wake = asyncio.Event()
         self.unfinished = 0
         self.idle = asyncio.Event()  # set while unfinished == 0
@@ -99,11 +107,21 @@ class Courier:
         self.push(item)
 
     def push(self, item: Live) -> None:
+        if item.finished:  # dropped (on paper) while a delivery of it was in flight
+            return
         heapq.heappush(self.queue, (item.order, item))
         self.wake.set()
 
     def pop(self) -> Live:
         return heapq.heappop(self.queue)[1]
+
+    def drop(self, item: Live) -> None:
+        """Stop trying to deliver `item` (handled on paper): out of the backlog, finished.
+        A delivery already in flight ends on its own; the store refuses its final record."""
+        item.done = True
+        self.queue = [entry for entry in self.queue if entry[1] is not item]
+        heapq.heapify(self.queue)
+        self.finish(item)
 
     def finish(self, item: Live) -> None:
         if self._forget(item):
@@ -122,13 +140,22 @@ class Courier:
 
     # -- the worker -----------------------------------------------------------------------------
 
+    def _due(self) -> float:
+        """Put deferred handoffs whose time has come back in the queue; seconds until the
+        next one's (at most MAX_IDLE_S)."""
+        now = self.clock()
+        while self.deferred and self.deferred[0][0] <= now:
+            self.push(heapq.heappop(self.deferred)[2])
+        return min(self.deferred[0][0] - now, MAX_IDLE_S) if self.deferred else MAX_IDLE_S
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             while True:
+                next_due = self._due()
                 if not self.queue:
                     if self.removed and not self.unfinished:
                         return
-                    await self.changed(MAX_IDLE_S)
+                    await self.changed(next_due)
                     continue
                 if not self.breaker.allows():
                     await self._hold_queued()
@@ -175,6 +202,13 @@ class Courier:
                 with self.cad.lease() as adapter:  # the whole delivery on one adapter
                     outcome = await self._attempts(adapter, item,
                                                    attempts or self.retry.attempts)
+            except Deferred as exc:  # the CAD is up, but not for this one: it alone waits
+                release()
+                item.reason = storable(str(exc))
+                if started is not None:
+                    await started
+                await self._defer(item, str(exc))
+                return
             except AdapterUnavailable as exc:
                 release()
                 item.reason = storable(str(exc))  # a CAD's words, also printed on a sheet
@@ -210,6 +244,19 @@ class Courier:
                 self.push(item)
         finally:
             release()
+
+    async def _defer(self, item: Live, why: str) -> None:
+        item.deferrals += 1
+        wait = min(self.retry.max_s * 2 ** (item.deferrals - 1), DEFER_MAX_S)
+        item.not_before = self.clock() + wait
+        metrics.HANDOFF_DEFERRALS.labels(self.force).inc()
+        log.warning("handoff %s: %s's CAD cannot take it now (%s); again in %.0f s, the rest "
+                    "of its backlog goes on", item.id, self.force, why, wait)
+        if not item.escalated:  # an escalated handoff says so until it is delivered
+            await self.journal.record(item, Status.HELD, f"the CAD cannot take it now ({why}); "
+                                      f"next attempt in {wait:.0f}s", reason=item.reason)
+        heapq.heappush(self.deferred, (item.not_before, item.id, item))
+        self.wake.set()
 
     async def _attempts(self, adapter: Adapter, item: Live, attempts: int) -> Ack | Refusal:
         retry = self.retry

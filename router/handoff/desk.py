@@ -47,7 +47,7 @@ from router.handoff.answering import Answering
 from router.handoff.answers import ANSWERED, next_partner, since_offer
 from router.handoff.cads import CadLease, Cads, build_adapters, spec_of
 from router.handoff.delivery import Courier
-from router.handoff.escalation import Alert, Escalator
+from router.handoff.escalation import Alert, Escalator, Waiting
 from router.handoff.incident import (
     HandoffConflict,
     Incident,
@@ -100,13 +100,12 @@ def handoff_json(h: StoredHandoff) -> dict[str, Any]:
 
 
 class HandoffDesk:
-    """Accepts, stores, delivers and escalates handoffs. Run `run()` in a task (open_desk
-    does); `submit`, `get`, `query`, `cad_state_changed` and `reconfigure` may be called
-    meanwhile."""
+    """Accepts, stores, delivers and escalates handoffs; `run()` runs in a task beside it."""
 
     def __init__(self, settings: Handoff, store: HandoffStore, adapters_by_force: Mapping[
             str, Adapter], *, alert: Alert, cad_up: CadUp, clock: Callable[[], float] = time.time,
-                 built_from: RouterConfig | None = None, notify: Notify | None = None):
+                 built_from: RouterConfig | None = None, notify: Notify | None = None,
+                 answer_for: Callable[[str], AnswerSink] | None = None):
         """`built_from`: the config the adapters were built from, so that a reload rebuilds
         only those whose spec changed (without it, the first reload rebuilds them all), and
         where a rejected handoff may go next. `notify`: hears each step a sender is told of."""
@@ -115,13 +114,15 @@ class HandoffDesk:
         self.clock = clock
         self.settings = settings
         self.config = built_from
+        self._answer_for = answer_for  # where adapters built on a reload pass answers
         self._journal = Journal(store, clock, told=self._told)
         self._live: dict[str, Live] = {}
         self._cads = Cads()
         self._couriers: dict[str, Courier] = {}
         for force, adapter in adapters_by_force.items():
             self._add(force, CadLease(adapter, spec_of(built_from, force) if built_from else None))
-        self._notices = Notices(notify, self._adapter_of)
+        self._notices = Notices(notify, lambda force: (
+            courier.cad if (courier := self._couriers.get(force)) else None))
         self._answering = Answering(store, self._notices, alert=alert, clock=clock,
                                     next_to=self._next_to, track=self._track)
         self._escalator = Escalator(settings, self._journal, self._live,
@@ -139,17 +140,20 @@ class HandoffDesk:
 
     # -- reloading ------------------------------------------------------------------------------
 
-    def reconfigure(self, config: RouterConfig) -> None:
-        """Apply a reloaded config, or raise AdapterConfigError and change nothing.
+    def build(self, config: RouterConfig) -> dict[str, Adapter]:
+        """The adapters a reload to `config` needs (new or changed `cad:` blocks), or raise
+        AdapterConfigError. Changes nothing: a reload runs it in a thread."""
+        return build_adapters(config, [f for f in config.forces if f not in self._couriers or
+                                       self._couriers[f].cad.spec != spec_of(config, f)],
+                              self._answer_for)
 
-        Every adapter to replace is built before anything is swapped, and nothing awaits
-        from then on, so no delivery sees half of each config. Deadlines apply to unfinished
-        handoffs too; deliveries in flight finish on the adapter and retry plan they started
-        with. `handoff.store` is not reapplied: the store stays open until a restart.
-        """
-        changed = [force for force in config.forces if force not in self._couriers
-                   or self._couriers[force].cad.spec != spec_of(config, force)]
-        built = build_adapters(config, changed, self.sink_for)
+    def reconfigure(self, config: RouterConfig, built: Mapping[str, Adapter] | None = None
+                    ) -> None:
+        """Apply a reloaded config (with the adapters `build` made for it), or raise
+        AdapterConfigError and change nothing. Nothing awaits, so no delivery sees half of
+        each config; deadlines apply to unfinished handoffs too; deliveries in flight finish
+        on the adapter and retry plan they started with. `handoff.store` needs a restart."""
+        built = self.build(config) if built is None else built
         self.settings = config.handoff
         self.config = config
         for force, adapter in built.items():
@@ -214,16 +218,19 @@ class HandoffDesk:
 
     # -- what people answer ---------------------------------------------------------------------
 
-    def sink_for(self, force: str) -> AnswerSink:
-        """Where `force`'s adapter passes its dispatchers' answers."""
-        async def sink(answer: Answer) -> None:
-            await self.answer(answer, force)
-        return sink
-
     async def answer(self, answer: Answer, force: str) -> dict[str, Any]:
         """Record an answer from `force` (the handoff's destination) and return the handoff.
         Raises AnswerRefused, StoreError."""
         return handoff_json(await self._answering.answer(answer, force))
+
+    async def on_paper(self, hid: str, operator: str, reason: str) -> dict[str, Any] | None:
+        """Handled on paper (Answering.on_paper); None if there is no such handoff."""
+        h = await self._answering.on_paper(hid, operator, reason, drop=self._drop)
+        return handoff_json(h) if h is not None else None
+
+    def _drop(self, hid: str) -> None:
+        if (item := self._live.get(hid)) is not None:
+            self._couriers[item.to].drop(item)
 
     def _next_to(self, h: StoredHandoff) -> str | None:
         """Where a rejected handoff goes on to: None to send it back."""
@@ -246,10 +253,6 @@ class HandoffDesk:
     def _await_answer(self, item: Live) -> None:
         self._answering.awaiting[item.id] = item
         self._escalator.watch(item, "acknowledgement")
-
-    def _adapter_of(self, force: str) -> CadLease | None:
-        courier = self._couriers.get(force)
-        return courier.cad if courier is not None else None
 
     async def get(self, hid: str) -> dict[str, Any] | None:
         found = await self.store.get(hid)
@@ -285,9 +288,15 @@ class HandoffDesk:
         within a day still awaiting a dispatcher; returns how many."""
         rows = await self.store.unfinished(self.clock() - AWAIT_RESUME_S)
         for h in rows:
+            if h.escalated_at is not None and h.status == Status.ESCALATED:
+                waiting: Waiting = "delivery" if h.delivered_at is None else "acknowledgement"
+                await self._escalator.replay(Live(
+                    h.id, h.to_force, h.priority, h.accepted_at, h.incident,
+                    Status(h.status), h.attempts, True, h.reason), waiting, h.escalated_at)
             if h.delivered_at is not None:  # delivered: awaits an answer, nothing to deliver
                 self._await_answer(Live(h.id, h.to_force, h.priority, h.accepted_at,
                                         h.incident, Status(h.status), h.attempts,
+                                        h.status == Status.ESCALATED,
                                         delivered_at=h.delivered_at))
                 continue
             if h.to_force not in self._couriers:
@@ -364,7 +373,8 @@ async def open_desk(config: RouterConfig, *, alert: Alert, cad_up: CadUp,
                 until_owned.push_async_callback(adapter.aclose)
             store = await stack.enter_async_context(open_store(config.handoff.store))
             desk = HandoffDesk(config.handoff, store, built, alert=alert, cad_up=cad_up,
-                               clock=clock, built_from=config, notify=notify)
+                               clock=clock, built_from=config, notify=notify,
+                               answer_for=answer_for)
             opened.append(desk)
             stack.push_async_callback(desk.aclose)  # the desk owns the adapters from here
             until_owned.pop_all()

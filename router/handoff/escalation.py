@@ -16,7 +16,7 @@ from typing import Any, Literal
 from router.config import Handoff
 from router.handoff.incident import Status
 from router.handoff.live import MAX_IDLE_S, Journal, Live
-from router.handoff.sheets import Sheet, write_sheet
+from router.handoff.sheets import Sheet, sheet_paths, write_sheet
 from router.infra.timefmt import iso
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,37 @@ class Escalator:
             await self.journal.record(item, Status.ESCALATED,
                                       f"{what} within the {item.priority} deadline of "
                                       f"{deadline:g}s (was {before})", escalated_at=now)
-            html_path, csv_path = await asyncio.to_thread(write_sheet, self.spool_dir, Sheet(
-                item.id, item.incident, item.accepted_at, now, str(before), item.reason))
         except Exception as exc:
             log.error("escalating handoff %s: %s", item.id, exc)
+        await self._side_effects(item, waiting, deadline, str(before), now)
+
+    async def replay(self, item: Live, waiting: Waiting, escalated_at: float) -> None:
+        """After a restart: an escalation on record whose sheet is missing (the process died
+        between the two) gets its sheet and its alert now. At least once: a sheet rewritten
+        is the same sheet."""
+        html_path, _ = sheet_paths(self.spool_dir, item.incident, item.id)
+        if await asyncio.to_thread(html_path.exists):
+            return
+        log.warning("handoff %s was escalated but its sheet is missing: writing it now", item.id)
+        deadline = self._limits[waiting].get(item.priority, 0.0)
+        await self._side_effects(item, waiting, deadline, "escalated before a restart",
+                                 escalated_at)
+
+    async def _side_effects(self, item: Live, waiting: Waiting, deadline: float, before: str,
+                            now: float) -> None:
+        """The printable sheet, then the alert: what the control room acts on."""
+        try:
+            html_path, csv_path = await asyncio.to_thread(write_sheet, self.spool_dir, Sheet(
+                item.id, item.incident, item.accepted_at, now, before, item.reason))
+        except Exception as exc:
+            log.error("escalation sheet of handoff %s: %s", item.id, exc)
             html_path = csv_path = Path()
         alert = {
             "kind": "handoff_escalated", "handoff_id": item.id,
             "incident_id": item.incident.get("incident_id"), "from": item.incident.get("from"),
             "to": item.to, "priority": item.priority, "waiting_for": waiting,
             "deadline_s": deadline,
-            "age_s": round(now - item.accepted_at, 3), "delivery": str(before),
+            "age_s": round(now - item.accepted_at, 3), "delivery": before,
             "reason": item.reason, "at": iso(now),
             "sheet": str(html_path) if html_path.name else None,
             "csv": str(csv_path) if csv_path.name else None,

@@ -98,7 +98,8 @@ class Incident(_Part):
 class Status(StrEnum):
     """accepted → (held ⇄ delivering) → delivered (the CAD has it) → acknowledged (a
     dispatcher took it) or rejected → completed. `escalated` marks a missed deadline, for
-    delivery or for a dispatcher's answer; `failed` is a CAD's permanent refusal."""
+    delivery or for a dispatcher's answer; `failed` is a CAD's permanent refusal; `on_paper`
+    is a manager's word that the control room handles it on paper: nothing more is tried."""
 
     ACCEPTED = "accepted"
     DELIVERING = "delivering"
@@ -110,10 +111,11 @@ class Status(StrEnum):
     REJECTED = "rejected"
     OFFERED = "offered"  # rejected, and on its way to the next partner (`on_reject`)
     COMPLETED = "completed"
+    ON_PAPER = "on_paper"  # handled on paper (a manager's word): no more delivery or escalation
 
 
 # Final: the store refuses any later change, and a restarted desk does not resume them.
-TERMINAL = frozenset({Status.FAILED, Status.REJECTED, Status.COMPLETED})
+TERMINAL = frozenset({Status.FAILED, Status.REJECTED, Status.COMPLETED, Status.ON_PAPER})
 
 
 def handoff_id(from_force: str, incident_id: str) -> str:

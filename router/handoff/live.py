@@ -31,6 +31,8 @@ class Live:
     done: bool = False  # its final status is being written: escalation must leave it alone
     finished: bool = False  # its final status is stored and the desk has let it go
     delivered_at: float | None = None  # then it awaits a dispatcher's answer
+    deferrals: int = 0  # times the CAD could not take it (it alone) and it was put back
+    not_before: float = 0.0  # a deferred handoff waits until then
 
     @property
     def sender(self) -> str:

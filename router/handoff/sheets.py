@@ -108,12 +108,17 @@ Handoff <code>{e(sheet.handoff_id)}</code>.</p>
 """
 
 
+def sheet_paths(spool_dir: Path, incident: Mapping[str, Any], hid: str) -> tuple[Path, Path]:
+    """`escalated/{to}/{priority}-{handoff_id}.html` and `.csv` under the spool folder."""
+    folder = spool_dir / "escalated" / str(incident.get("to", "unknown"))
+    stem = f"{incident.get('priority', 'P4')}-{hid}"
+    return folder / f"{stem}.html", folder / f"{stem}.csv"
+
+
 def write_sheet(spool_dir: Path, sheet: Sheet) -> tuple[Path, Path]:
-    """Write `escalated/{to}/{priority}-{handoff_id}.html` and `.csv`; blocking (call it in
-    a thread). Rewriting the same handoff replaces its files."""
-    folder = spool_dir / "escalated" / str(sheet.incident.get("to", "unknown"))
-    stem = f"{sheet.incident.get('priority', 'P4')}-{sheet.handoff_id}"
-    html_path, csv_path = folder / f"{stem}.html", folder / f"{stem}.csv"
+    """Write the sheet's HTML and CSV (`sheet_paths`); blocking (call it in a thread).
+    Rewriting the same handoff replaces its files."""
+    html_path, csv_path = sheet_paths(spool_dir, sheet.incident, sheet.handoff_id)
     write_atomically(html_path, render_html(sheet))
     write_atomically(csv_path, render_csv([sheet]))
     return html_path, csv_path

@@ -27,16 +27,20 @@ from router.config import ConfigError, RouterConfig, load_config
 from router.engine.calls import CallDesk
 from router.engine.model import Snapshot
 from router.handoff.desk import HandoffDesk, open_desk
-from router.http import calls, dashboard, forces, handoffs, openapi, ops
+from router.http import calls, dashboard, events, forces, handoffs, openapi, ops, timeline
 from router.http.auth import TOKENS, TokenBook
 from router.http.errors import MAX_BODY_BYTES, errors_middleware
 from router.http.server import RouterRunner
 from router.http.state import RUNTIME
 from router.http.tls import listener_context
 from router.infra.audit import AuditLog
+from router.infra.clock import steady_wall
+from router.infra.memory import memory_for
 from router.infra.mqtt_link import MqttLink
+from router.infra.supervise import keep_running
 from router.runtime import Runtime
 from router.watch.exporter import StateMetrics
+from router.watch.keeper import Keeper
 from router.watch.publisher import Publisher
 from router.watch.watcher import Watcher
 
@@ -44,6 +48,8 @@ log = logging.getLogger(__name__)
 
 EXPIRY_INTERVAL_S = 1.0  # often, so each sweep is small
 SHUTDOWN_TIMEOUT_S = 5.0  # for requests in flight, then for each background task to end
+DESK_READY_S = 5.0  # at start, for the handoff store to open; then it serves anyway
+KEEPER_READY_S = 3.0  # at start, for declarations to be read back; then it serves anyway
 ANSWERS = frozenset({"acknowledged", "rejected", "offered", "completed"})  # people's words
 
 
@@ -53,7 +59,7 @@ def build_app(runtime: Runtime, tokens: TokenBook) -> web.Application:
     app[RUNTIME] = runtime
     app[TOKENS] = tokens
     app[handoffs.HANDOFFS] = runtime  # its desk is set once open, after the app is frozen
-    for module in (calls, forces, ops, handoffs, openapi, dashboard):
+    for module in (calls, forces, ops, handoffs, openapi, dashboard, events, timeline):
         module.add_routes(app)
     return app
 
@@ -68,22 +74,27 @@ class RouterApp:
         self.mqtt = MqttLink(config.mqtt, environ=self.environ) if config.mqtt.enabled else None
         self.audit = AuditLog(Path(config.service.audit_log))
         self.watcher = Watcher(config, mqtt=self.mqtt, audit=self.audit)
+        self.keeper = Keeper(self.watcher, memory_for(config.handoff.store))
         self.calls = CallDesk(config)
         self.publisher = Publisher(config, watcher=self.watcher, calls=self.calls, mqtt=self.mqtt)
         self.state_metrics = StateMetrics(self.watcher, self.calls)
         self.tokens = TokenBook(config.service.tokens, self.environ)
         self.runtime = Runtime(config, config_path, self.calls, self.watcher, self.tokens,
                                self.environ, mqtt=self.mqtt, audit=self.audit,
-                               publisher=self.publisher)
+                               publisher=self.publisher, keeper=self.keeper)
         self.app = build_app(self.runtime, self.tokens)
         self.app.cleanup_ctx.extend([  # opened in this order, closed in reverse
-            self._audit_log, self._mqtt_link, self._handoff_desk, self._watcher,
-            self._call_expiry, self._publisher])
+            self._audit_log, self._mqtt_link, self._keeper, self._handoff_desk, self._watcher,
+            self._call_expiry, self._publisher, self._live_events])
+        self.events = self.app[events.EVENTS]
+        # dashboards' streams end first, so the shutdown timeout never waits on them
+        self.app.on_shutdown.append(self.events.on_shutdown)
         self.port: int | None = None
         self._failed: BaseException | None = None  # the first background task that crashed
         self._halt = asyncio.Event()  # set when one has: the service stops, and run() raises
+        self._desk_ready = asyncio.Event()  # the handoff desk opened once
         # in-process listeners to every handoff step a sender is told of (the demo)
-        self.status_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.status_listeners: list[Callable[[dict[str, Any]], None]] = [self.events.on_handoff]
 
     def publish_alert(self, alert: dict[str, Any]) -> None:
         """The handoff desk's alerts: on MQTT, and escalations into the audit chain too."""
@@ -96,6 +107,7 @@ class RouterApp:
                              alert=alert)
         if self.mqtt is not None:
             self.mqtt.publish("alerts", alert)
+        self.events.on_alert(alert)
 
     def tell_sender(self, message: dict[str, Any]) -> None:
         """A handoff's step, to its sender: MQTT `handoffs/{from}/status` (QoS 1) and its
@@ -106,11 +118,14 @@ class RouterApp:
         if self.mqtt is not None:
             self.mqtt.publish(f"handoffs/{sender}/status", message, qos=1)
         self.publisher.alerter.post(sender, message)
-        if message.get("status") in ANSWERS:
-            self.audit.event("answer", force=message.get("to"),
-                             source=f"partner:{message.get('to')}",
-                             reason=str(message.get("detail", message.get("status"))),
-                             handoff_id=message.get("handoff_id"), status=message.get("status"),
+        status = message.get("status")
+        if status in ANSWERS or status == "on_paper":  # what people said (a manager: on paper)
+            paper = status == "on_paper"
+            self.audit.event("paper" if paper else "answer", force=message.get("to"),
+                             source=f"manager:{message.get('by')}" if paper
+                             else f"partner:{message.get('to')}",
+                             reason=str(message.get("note" if paper else "detail", status)),
+                             handoff_id=message.get("handoff_id"), status=status,
                              by=message.get("by"))
 
     async def run(self, host: str, port: int, stop: asyncio.Event,
@@ -153,48 +168,82 @@ class RouterApp:
         if self.mqtt is None:
             yield
             return
-        async with self._background(self.mqtt.run(), "mqtt"):
+        async with self._background(self.mqtt.run, "mqtt"):
             yield
 
     async def _handoff_desk(self, app: web.Application) -> AsyncIterator[None]:
-        """Open the desk (its store, and resuming unfinished handoffs) and make it reachable
-        to handlers and reloads through runtime.desk."""
+        """The desk, opened (its store, and resuming unfinished handoffs) and reopened after
+        any failure in the background: until it is open, handoffs are refused with 503 and
+        `Retry-After`, and routing goes on regardless."""
+        async with self._background(self._desk_open, "handoff-desk"):
+            with contextlib.suppress(TimeoutError):  # serve without it if its store is away
+                await asyncio.wait_for(self._desk_ready.wait(), DESK_READY_S)
+            yield
+
+    async def _desk_open(self) -> None:
+        """One life of the desk, reachable to handlers and reloads through runtime.desk; it
+        returns only by failing (the supervisor opens it again)."""
         opened_with = self.runtime.config
+        # deadlines as differences of stored epoch times: on a clock an NTP step cannot move
         async with open_desk(opened_with, alert=self.publish_alert, notify=self.tell_sender,
-                             cad_up=lambda force: self.watcher.snapshot.get(force).cad_up) as desk:
+                             cad_up=lambda force: self.watcher.snapshot.get(force).cad_up,
+                             clock=steady_wall) as desk:
             self.runtime.desk = desk
+            self._desk_ready.set()
             if self.runtime.config is not opened_with:  # reloaded while the desk opened
                 self._catch_up(desk)
             unsubscribe = self.watcher.add_listener(self._cad_watch(desk))
             try:
-                yield
+                await asyncio.Event().wait()  # until cancelled, or the desk's tasks fail
             finally:
                 unsubscribe()
                 self.runtime.desk = None
 
+    async def _keeper(self, app: web.Application) -> AsyncIterator[None]:
+        """Declarations and last known states: read back before the watcher starts deciding,
+        written as they change (a store that is away is retried; routing never waits)."""
+        try:
+            async with self._background(self.keeper.run, "keeper"):
+                # the first calls must see what was declared: wait for it, a little
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.keeper.ready.wait(), KEEPER_READY_S)
+                yield
+        finally:
+            await self.keeper.close()
+
     async def _watcher(self, app: web.Application) -> AsyncIterator[None]:
-        async with self._background(self.watcher.run(), "watcher"):
+        async with self._background(self.watcher.run, "watcher"):
             yield
 
     async def _call_expiry(self, app: web.Application) -> AsyncIterator[None]:
-        async with self._background(self._expire_calls(), "expiry"):
+        async with self._background(self._expire_calls, "expiry"):
             yield
 
     async def _publisher(self, app: web.Application) -> AsyncIterator[None]:
         """Retained states and routing on MQTT, and diversion alerts to partners."""
         try:
             async with aiohttp.ClientSession() as session, \
-                    self._background(self.publisher.run(session), "publisher"):
+                    self._background(lambda: self.publisher.run(session), "publisher"):
                 yield
         finally:
             self.publisher.close()
 
+    async def _live_events(self, app: web.Application) -> AsyncIterator[None]:
+        """Dashboards' live updates (router.http.events): every new snapshot marks the board
+        changed; the hub pushes it."""
+        unsubscribe = self.watcher.add_listener(self.events.on_snapshot)
+        try:
+            async with self._background(self.events.run, "dashboard-events"):
+                yield
+        finally:
+            unsubscribe()
+
     @contextlib.asynccontextmanager
-    async def _background(self, work: Coroutine[Any, Any, None],
+    async def _background(self, start: Callable[[], Coroutine[Any, Any, None]],
                           name: str) -> AsyncIterator[None]:
-        """Run `work` as a task while the context is open; cancel it and wait for it after.
-        A task that crashes halts the service rather than leaving it half-working."""
-        task = asyncio.create_task(work, name=name)
+        """Run `start()` as a task while the context is open, supervised (restarted if it
+        fails: router.infra.supervise); cancel it and wait for it after."""
+        task = asyncio.create_task(keep_running(start, name), name=name)
         task.add_done_callback(self._task_done)
         try:
             yield
@@ -264,21 +313,31 @@ def _bound_port(site: web.TCPSite) -> int:
     return int(sockets[0].getsockname()[1]) if sockets else 0
 
 
-def install_signals(stop: asyncio.Event, reload: Callable[[], None]) -> None:
+def install_signals(stop: asyncio.Event, reload: Callable[[], object]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
 
 
-def _reload_on_hup(runtime: Runtime) -> Callable[[], None]:
-    def reload() -> None:
+def _reload_on_hup(runtime: Runtime) -> Callable[[], asyncio.Task[None]]:
+    """SIGHUP starts a reload as a task: the file is parsed off the loop (Runtime.reload_async)
+    and routing goes on meanwhile."""
+    running: set[asyncio.Task[None]] = set()  # held until done, so none is collected early
+
+    async def reload() -> None:
         try:
-            runtime.reload(source="SIGHUP")
+            await runtime.reload_async(source="SIGHUP")
         except ConfigError as exc:
             log.error("SIGHUP reload refused; keeping the running config:\n%s", exc)
 
-    return reload
+    def on_hup() -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(reload(), name="SIGHUP reload")
+        running.add(task)
+        task.add_done_callback(running.discard)
+        return task
+
+    return on_hup
 
 
 async def serve(config_path: Path, host: str | None, port: int | None) -> None:

@@ -21,6 +21,7 @@ from adapters.base import Answer, AnswerRefused
 from router.config import FORCE_ID
 from router.handoff.desk import HandoffDesk
 from router.handoff.incident import HandoffConflict, Incident, Status, UnknownDestination
+from router.handoff.sheets import Sheet, render_html
 from router.handoff.store import StoreError
 from router.http.auth import PRINCIPAL, Principal, require
 from router.http.errors import (
@@ -53,6 +54,7 @@ class OpenDesk:
 HANDOFFS = web.AppKey[DeskHolder]("handoffs")
 HANDOFF_ID = re.compile(r"[0-9a-f]{32}")  # as handoff_id() makes them
 MAX_LIMIT = 1000  # handoffs in one listing
+RETRY_AFTER = {"Retry-After": "2"}  # seconds: the desk reopens its store within a few
 
 
 class HandoffQuery(BaseModel):
@@ -65,7 +67,8 @@ class HandoffQuery(BaseModel):
 def _desk(request: web.Request) -> HandoffDesk:
     desk = request.app[HANDOFFS].desk
     if desk is None:
-        fail(503, "unavailable", "the handoff desk is starting")
+        fail(503, "unavailable", "the handoff desk is starting, or its store is unavailable "
+             "and being reopened; try again", headers=RETRY_AFTER)
     return desk
 
 
@@ -90,7 +93,8 @@ async def post_handoff(request: web.Request) -> web.Response:
     except HandoffConflict as exc:
         fail(409, "conflict", str(exc), exc.fields[0])
     except StoreError:  # logged by the store; the partner may retry
-        fail(503, "unavailable", "the handoff could not be stored; try again")
+        fail(503, "unavailable", "the handoff could not be stored; try again",
+             headers=RETRY_AFTER)
     return web.json_response(handoff, status=202 if created else 200,
                              headers={"Location": f"/v1/handoffs/{handoff['id']}"})
 
@@ -129,7 +133,8 @@ async def _answer(request: web.Request, answer: Answer) -> web.Response:
         fail(REFUSED.get(exc.code, 400), exc.code, str(exc),
              "id" if exc.code in ("forbidden", "not_found") else None)
     except StoreError:
-        fail(503, "unavailable", "the answer could not be stored; try again")
+        fail(503, "unavailable", "the answer could not be stored; try again",
+             headers=RETRY_AFTER)
     return web.json_response(handoff)
 
 
@@ -158,6 +163,51 @@ async def post_completion(request: web.Request) -> web.Response:
     return await _answer(request, Answer(
         hid, "completion", body.outcome, body.at.timestamp() if body.at else None,
         body.by or "", "", body.note or ""))
+
+
+class PaperRequest(BaseModel):
+    """A manager's word that the control room handles the handoff on paper."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reason: Annotated[OneLine, Field(min_length=1, max_length=500)]
+    # who: required unless the token names its operator
+    operator: Annotated[OneLine, Field(min_length=1, max_length=100)] | None = None
+
+
+@require("manager")
+async def post_paper(request: web.Request) -> web.Response:
+    """Handled on paper: final, so no more delivery attempts or escalations; the sender is
+    told and the audit chain records who and why (RouterApp.tell_sender)."""
+    hid = _answered_id(request)
+    body = await read_json(request, PaperRequest)
+    who = body.operator or request[PRINCIPAL].operator
+    if who is None:
+        fail(400, "invalid", "operator: required: say who is handling it (this token names "
+             "no operator)", "operator")
+    try:
+        handoff = await _desk(request).on_paper(hid, who, body.reason)
+    except AnswerRefused as exc:
+        fail(409, exc.code, str(exc))
+    except StoreError:
+        fail(503, "unavailable", "it could not be recorded; try again")
+    if handoff is None:
+        fail(404, "not_found", f"no handoff {hid}")
+    return web.json_response(handoff)
+
+
+@require("viewer")
+async def get_sheet(request: web.Request) -> web.Response:
+    """The handoff's printable sheet, as the escalation writes into the spool folder, made
+    afresh from the store (so it is there even where the spool folder is not readable)."""
+    hid = _answered_id(request)
+    found = await _desk(request).store.get(hid)
+    if found is None:
+        fail(404, "not_found", f"no handoff {hid}")
+    sheet = Sheet(found.id, found.incident, found.accepted_at,
+                  found.escalated_at or found.updated_at, found.status, found.reason)
+    return web.Response(text=render_html(sheet), content_type="text/html", headers={
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+        "Cache-Control": "no-store"})
 
 
 def _party(request: web.Request) -> str | None:
@@ -198,3 +248,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/handoffs/{id}", get_handoff)
     app.router.add_post("/v1/handoffs/{id}/acknowledgement", post_acknowledgement)
     app.router.add_post("/v1/handoffs/{id}/completion", post_completion)
+    app.router.add_post("/v1/handoffs/{id}/paper", post_paper)
+    app.router.add_get("/v1/handoffs/{id}/sheet", get_sheet)

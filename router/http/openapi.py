@@ -2,213 +2,61 @@
 validate requests and the typed records the handlers answer with, so it cannot drift from
 what the service accepts and says. tests/test_contract.py holds the service to it.
 
-Where a handler builds its answer as a plain dict, the shape is written here once as a
-TypedDict (reusing the enums and models it carries) and the schema is derived from that."""
+Where a handler builds its answer as a plain dict, its shape is a TypedDict in
+router.http.shapes, and the schema is derived from that."""
 
 from __future__ import annotations
 
 from functools import cache
-from typing import Annotated, Any, Literal, NotRequired
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, Field, TypeAdapter
-from typing_extensions import TypedDict  # pydantic reads only this one before Python 3.12
+from pydantic import BaseModel, TypeAdapter
 
 from router import __version__
-from router.config import Priority
-from router.engine.model import CentreState, DecisionRecord, Reason, Service
-from router.engine.rules import Cause
-from router.handoff.incident import Incident, Status, handoff_id
+from router.engine.model import CentreState, DecisionRecord
+from router.handoff.incident import Incident, handoff_id
 from router.http.auth import IMPLIED
-from router.http.calls import RouteRequest
+from router.http.calls import CallEnd, RouteRequest
 from router.http.errors import MAX_BODY_BYTES
+from router.http.events import TICKET_TTL_S
 from router.http.forces import OverrideRequest
 from router.http.handoffs import (
     HANDOFF_ID,
     AcknowledgementRequest,
     CompletionRequest,
     HandoffQuery,
+    PaperRequest,
 )
-from router.http.ops import Reloaded
+from router.http.ops import Readiness, Reloaded
+from router.http.shapes import (
+    Alive,
+    AuditRecords,
+    Cleared,
+    ConfigInvalid,
+    Declared,
+    Error,
+    Forces,
+    Handoff,
+    HandoffList,
+    Incoming,
+    RoutingTable,
+    Ticket,
+)
 from router.http.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER
-from router.watch.evidence import EvidenceMode
-from router.watch.probes import Outcome
-from router.watch.telemetry import Telemetry
+from router.http.timeline import AuditQuery
 
 REF = "#/components/schemas/{model}"
 
-# router.infra.timefmt.iso: every timestamp the router writes ends in Z
-Timestamp = Annotated[str, Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$",
-                                 json_schema_extra={"format": "date-time"})]
-Count = Annotated[int, Field(ge=0)]
-
-
-class Error(TypedDict):
-    """Every 4xx and 5xx: the contract's error, naming the field at fault when there is one."""
-
-    error: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
-    message: Annotated[str, Field(min_length=1)]
-    field: NotRequired[str]
-
-
-class ConfigInvalid(Error):
-    issues: Annotated[list[str], Field(min_length=1, description="FILE:LINE: key: message")]
-
-
-# ---- a centre as router.watch.status.centre_status shows it --------------------------------
-
-class Declaration(TypedDict):
-    state: CentreState
-    reason: str
-    source: str
-    declared_at: Timestamp
-    expires_at: Timestamp | None
-
-
-class TelemetrySeen(TypedDict):
-    last: Telemetry
-    age_s: Annotated[float, Field(ge=0)]
-    stale: bool
-
-
-class ProbeSeen(TypedDict):
-    ok: bool
-    outcome: Outcome
-    latency_s: Annotated[float, Field(ge=0)]
-    detail: str
-    at: Timestamp
-
-
-class CentreStatus(TypedDict):
-    state: CentreState
-    since: Timestamp
-    reason: str
-    source: str
-    telephony_up: bool | None  # null while unknown
-    cad_up: bool | None
-    telemetry: TelemetrySeen | None
-    override: Declaration | None
-    held_until: Timestamp | None
-    probes: dict[str, ProbeSeen]
-    evidence: EvidenceMode
-
-
-class Declared(CentreStatus):
-    force: str
-
-
-class Cleared(Declared):
-    cleared: bool
-
-
-# ---- GET /v1/forces and /v1/routing-table (router.http.forces) --------------------------------
-
-class Diversion(TypedDict):
-    cause: Cause | None
-    share_diverted: Annotated[float, Field(ge=0, le=1)]
-    reason: Reason
-    rule: str
-
-
-class Capacity(TypedDict):
-    handlers_on_duty: Count
-    overflow_queue: Count
-    max_queue: Count
-
-
-class ForceView(CentreStatus):
-    name: str
-    diverting: bool
-    diversion: Diversion | None
-    headline: str
-    calls_in_flight: Count
-    calls_in_flight_by_service: dict[Service, Count]
-    aid_in_flight: Count
-    capacity: Capacity
-    headroom: dict[Literal["aid_999", "aid_101"], int]
-
-
-class Forces(TypedDict):
-    forces: dict[str, ForceView]
-    fail_static: bool
-
-
-class Share(TypedDict):
-    destination: str
-    share: Annotated[float, Field(ge=0, le=1)]
-    reason: Reason
-    rule: str
-
-
-class RoutingTable(TypedDict):
-    routing: dict[str, dict[Service, list[Share]]]
-
-
-# ---- handoffs (router.handoff.desk.handoff_json) ----------------------------------------------
-
-class HistoryEntry(TypedDict):
-    at: Timestamp
-    status: Status
-    detail: NotRequired[str]
-    # what people said (acknowledged, rejected, offered, completed)
-    outcome: NotRequired[str]
-    by: NotRequired[str]
-    cause: NotRequired[str]
-    note: NotRequired[str]
-    reference: NotRequired[str]
-    to: NotRequired[str]  # offered to this force next
-    answered_at: NotRequired[Timestamp]
-
-
-class PeopleSaid(TypedDict):
-    """The current destination's answer: when recorded, and what was said."""
-
-    at: Timestamp
-    outcome: str
-    by: NotRequired[str]
-    cause: NotRequired[str]
-    note: NotRequired[str]
-    reference: NotRequired[str]
-    to: NotRequired[str]
-    answered_at: NotRequired[Timestamp]
-
-
-Handoff = TypedDict("Handoff", {  # `from` is a keyword: the functional form
-    "id": str, "incident_id": str, "from": str, "to": str, "priority": Priority,
-    "status": Status, "attempts": Count, "accepted_at": Timestamp, "updated_at": Timestamp,
-    "reason": NotRequired[str], "escalated_at": NotRequired[Timestamp],
-    "delivered_at": NotRequired[Timestamp], "acknowledgement": NotRequired[PeopleSaid],
-    "completion": NotRequired[PeopleSaid], "incident": Incident,
-    "history": list[HistoryEntry]})
-
-
-class HandoffList(TypedDict):
-    handoffs: list[Handoff]
-    count: Count
-
-
-# ---- operations (router.http.ops) -------------------------------------------------------------
-
-class Alive(TypedDict):
-    status: Literal["ok"]
-
-
-class Ready(TypedDict):
-    status: Literal["ready"]
-
-
-class Waiting(TypedDict):
-    status: Literal["waiting"]
-    no_evidence_yet: Annotated[list[str], Field(min_length=1)]
-
-
-REQUESTS: tuple[type[BaseModel], ...] = (RouteRequest, OverrideRequest, Incident, HandoffQuery,
-                                         AcknowledgementRequest, CompletionRequest)
+REQUESTS: tuple[type[BaseModel], ...] = (RouteRequest, CallEnd, OverrideRequest, Incident,
+                                         HandoffQuery, AcknowledgementRequest, CompletionRequest,
+                                         PaperRequest, AuditQuery)
 RESPONSES: dict[str, Any] = {
     "Decision": DecisionRecord, "Reloaded": Reloaded, "Error": Error,
     "ConfigInvalid": ConfigInvalid, "Forces": Forces, "RoutingTable": RoutingTable,
     "Declared": Declared, "Cleared": Cleared, "Handoff": Handoff, "HandoffList": HandoffList,
-    "Alive": Alive, "Ready": Ready, "Waiting": Waiting,
+    "Alive": Alive, "Readiness": Readiness, "Incoming": Incoming,
+    "Ticket": Ticket, "AuditRecords": AuditRecords,
 }
 
 
@@ -284,9 +132,10 @@ def _op(summary: str, roles: tuple[str, ...], ok: dict[str, Any], errors: dict[s
         errors = {"401": WHY["401"], "403": WHY["403"], "429": WHY["429"], **errors}
     responses = {**ok, **{code: {"description": text, "content": _content("Error")}
                           for code, text in errors.items()}}
-    if "429" in responses:
-        responses["429"]["headers"] = {"Retry-After": {
-            "description": "seconds", "schema": {"type": "integer", "minimum": 1}}}
+    for code in ("429", "503"):
+        if code in errors:  # when to try again
+            responses[code]["headers"] = {"Retry-After": {
+                "description": "seconds", "schema": {"type": "integer", "minimum": 1}}}
     op: dict[str, Any] = {"summary": summary, "responses": dict(sorted(responses.items()))}
     if roles:
         op["security"] = [{"bearer": []}]
@@ -356,9 +205,12 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
                        parameters=[*_query(RouteRequest, schemas, ROUTE), route_format]),
         },
         "/v1/calls/{call_id}/end": {"post": _op(
-            "Free a call's capacity (idempotent)", ("telephony",), {"204": _ok("ended")},
-            {"400": WHY["400"], "404": WHY["404"]},
-            parameters=[_path("call_id", call_id, "c-1")])},
+            "Free a call's capacity (idempotent); optionally say how it ended at the centre",
+            ("telephony",), {"204": _ok("ended")}, {"404": WHY["404"]},
+            parameters=[_path("call_id", call_id, "c-1")], requestBody={
+                "required": False, "content": {"application/json": {
+                    "schema": {"$ref": REF.format(model="CallEnd")},
+                    "example": {"outcome": "failed", "sip_code": 486}}}})},
         "/v1/forces": {"get": _op("Live state, telemetry, calls in flight, headroom", ("viewer",),
                                   {"200": _ok("per force", "Forces")}, {})},
         "/v1/routing-table": {"get": _op("Current shares per origin and service", ("viewer",),
@@ -408,6 +260,39 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
             requestBody=_body(CompletionRequest, {"outcome": "completed",
                                                   "note": "suspect arrested"}),
             parameters=hid)},
+        "/v1/handoffs/{id}/paper": {"post": _op(
+            "Handled on paper (a manager's word): final, no more delivery attempts or "
+            "escalation; the sender is told and it is audited", ("manager",),
+            {"200": _ok("recorded", "Handoff")},
+            {"404": "no such handoff", "409": "already final (`conflict`)",
+             "503": "the handoff desk is starting, or could not record it"},
+            requestBody=_body(PaperRequest, {"reason": "phoned to the Met's duty officer",
+                                             "operator": "Insp. Patel"}), parameters=hid)},
+        "/v1/handoffs/{id}/sheet": {"get": _op(
+            "The handoff's printable escalation sheet", ("viewer",), {"200": {
+                "description": "HTML, print-ready",
+                "content": _content({"type": "string"}, "text/html")}},
+            {"404": "no such handoff", "503": "the handoff desk is starting"},
+            parameters=hid)},
+        "/v1/incoming": {"get": _op(
+            "A partner's view: other forces' calls routed to it now", ("partner",),
+            {"200": _ok("shares whose destination is the token's force", "Incoming")}, {})},
+        "/v1/events/ticket": {"post": _op(
+            f"A single-use ticket for the live stream, valid {TICKET_TTL_S:g} s (EventSource "
+            "cannot send a bearer token)", ("viewer", "partner"),
+            {"201": _ok("the ticket, and who the token is", "Ticket")}, {})},
+        "/v1/events": {"get": _op(
+            "Live updates (Server-Sent Events): hello, board, handoff, alert", (),
+            {"200": {"description": "an event stream until the client or the service stops",
+                     "content": _content({"type": "string"}, "text/event-stream")}},
+            {"400": "no ticket", "403": "ticket unknown, used or expired",
+             "503": "too many live dashboards, or the service is stopping"},
+            parameters=[{"name": "ticket", "in": "query", "required": True,
+                         "schema": {"type": "string", "minLength": 1}}])},
+        "/v1/audit": {"get": _op(
+            "The latest audit records, newest first (the dashboard's timeline)", ("viewer",),
+            {"200": _ok("records", "AuditRecords")}, {"400": WHY["400"]},
+            parameters=_query(AuditQuery, schemas))},
         "/v1/admin/reload": {"post": _op(
             "Reload the config file; an invalid one is refused and the old one stays",
             ("manager",), {"200": _ok("reloaded", "Reloaded"), "422": _ok(
@@ -416,8 +301,10 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
             "description": "text exposition", "content": _content({"type": "string"},
                                                                   "text/plain")}}, {})},
         "/healthz": {"get": _op("Liveness", (), {"200": _ok("alive", "Alive")}, {})},
-        "/readyz": {"get": _op("Readiness: every centre has evidence", (), {
-            "200": _ok("ready", "Ready"), "503": _ok("waiting for evidence", "Waiting")}, {})},
+        "/readyz": {"get": _op("Readiness: the router's own dependencies (config, handoff "
+                               "store), never a centre's health", (), {
+            "200": _ok("ready", "Readiness"), "503": _ok("a dependency is not", "Readiness")},
+            {})},
         "/openapi.json": {"get": _op("This document", (), {"200": _ok(
             "OpenAPI 3.1", {"type": "object", "required": ["openapi", "paths"]})}, {})},
         "/": {"get": _op("Control-room dashboard", (), {"200": {

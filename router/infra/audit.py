@@ -43,7 +43,7 @@ from router.infra.timefmt import iso
 log = logging.getLogger(__name__)
 
 Kind = Literal["declaration", "clear", "expiry", "state_change"]  # about a force's state
-EventKind = Literal["reload", "escalation", "answer"]  # about the service and handoffs
+EventKind = Literal["reload", "escalation", "answer", "paper"]  # about the service and handoffs
 GENESIS = "0" * 64  # the `prev` of a chain's first record
 CLOSE_TIMEOUT_S = 5.0  # for the writer to append and fsync what is queued
 MAX_BATCH = 256  # records per append and fsync

@@ -99,8 +99,32 @@ HANDOFF_DELIVERY_SECONDS = Histogram(
     "overflow_handoff_delivery_seconds", "From acceptance to the destination's acknowledgement",
     ["destination"], buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 5, 30, 60, 300),
 )
+CALL_OUTCOMES = Counter(
+    "overflow_call_outcomes_total", "How calls ended at the centre they were sent to, as the "
+    "SIP edge reported it", ["destination", "outcome"]
+)
+OUTLIER_EJECTIONS = Counter(
+    "overflow_outlier_ejections_total", "Centres ejected because their calls failed while "
+    "their probes may have passed", ["force"]
+)
 HANDOFF_OUTCOMES = Counter(
     "overflow_handoff_outcomes_total", "Handoff status transitions", ["destination", "status"]
+)
+HANDOFF_DEFERRALS = Counter(
+    "overflow_handoff_deferrals_total", "Handoffs a CAD answered but could not take, put aside "
+    "alone with a backoff", ["destination"]
+)
+TASK_RESTARTS = Counter(
+    "overflow_task_restarts_total", "Long-lived parts of the service restarted after failing",
+    ["task"]
+)
+MEMORY_WRITES = Counter(
+    "overflow_state_store_writes_total", "Writes of operational state (declarations, last "
+    "known centre states) by outcome", ["outcome"]
+)
+MEMORY_AVAILABLE = Gauge(
+    "overflow_state_store_available", "1 while the operational state store answers; 0 while "
+    "declarations are held in memory only"
 )
 HANDOFF_NOTICES = Counter(
     "overflow_handoff_notices_total", "Status updates passed to senders' CAD adapters",

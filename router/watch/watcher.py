@@ -16,18 +16,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import aiohttp
 
 from router.config import RouterConfig
-from router.engine.model import CentreState, Snapshot
+from router.engine.model import CentreState, CentreView, Snapshot
 from router.infra import metrics
 from router.infra.audit import AuditLog
 from router.infra.listeners import Listeners, Unsubscribe
 from router.infra.mqtt_link import MqttLink
 from router.watch.evidence import Evidence, EvidenceMode
 from router.watch.health import CentreHealth, Component, Override, Transition
+from router.watch.outliers import Outcome, Outliers
 from router.watch.prober import Prober
 from router.watch.probes import ProbeResult
 from router.watch.status import centre_status
@@ -50,11 +52,16 @@ class Watcher:
         self._http = http
         self._machines = {fid: CentreHealth(fid, config.health, f.centre)
                           for fid, f in config.forces.items()}
+        # last known states from before a restart, standing in for centres with no evidence
+        # yet until `_recall_until` (router/watch/keeper.py)
+        self._recalled: dict[str, CentreView] = {}
+        self._recall_until = 0.0
         self._invalid: dict[str, str] = {}  # force → last telemetry error, while in a bad streak
         self._snapshot = Snapshot({fid: m.view for fid, m in self._machines.items()})
         self._snapshots: Listeners[Snapshot] = Listeners()
         self._transitions: Listeners[Transition] = Listeners()
-        self._prober = Prober(config, self._on_probe, wall_clock)
+        self._prober = Prober(config, self._on_probe, wall_clock, partial(_edge, self))
+        self._outliers = Outliers(config.health.outlier_detection)
         self._evidence = Evidence(config.health, has_broker=mqtt is not None)
         self._wake = asyncio.Event()
         if mqtt is not None:
@@ -114,6 +121,39 @@ class Watcher:
                            token=token)
         self._apply(force, m.declare(Override(state, reason, source, now, expires_at), now))
 
+    def overrides(self) -> dict[str, Override]:
+        """The declarations standing now, by force."""
+        return {fid: m.override for fid, m in self._machines.items() if m.override is not None}
+
+    def restore_override(self, force: str, override: Override | None) -> None:
+        """Put back a declaration made before a restart or on another router (or its end),
+        as it was made: audited where it was made, so only logged here."""
+        m = self._machines.get(force)
+        if m is None or _same(m.override, override):
+            return
+        now = self._clock()
+        log.info("%s: declaration %s (%s)", force,
+                 f"{override.state.value} by {override.source} restored" if override
+                 else "ended elsewhere", override.reason if override else "")
+        self._apply(force, m.declare(override, now) if override else m.clear(now))
+
+    def recall(self, views: dict[str, CentreView], for_s: float) -> None:
+        """Let centres' last known states stand, while each has no evidence of its own yet,
+        for at most `for_s`: right after a start, partners that were fine a moment ago still
+        take calls instead of a declared-down centre getting them as a last resort."""
+        self._recalled = dict(views)
+        self._recall_until = self._clock() + for_s
+        for fid in views:
+            self._apply(fid, None)
+        self._wake.set()
+
+    def _view(self, fid: str, m: CentreHealth) -> CentreView:
+        recalled = self._recalled.get(fid)
+        if (recalled is not None and m.state is CentreState.UNKNOWN and m.source == "startup"
+                and m.override is None and self._clock() < self._recall_until):
+            return recalled
+        return m.view
+
     def clear_override(self, force: str, *, source: str, token: str | None = None) -> bool:
         m = self._machines[force]
         if m.override is None:
@@ -149,6 +189,10 @@ class Watcher:
                 tg.create_task(self._housekeeping(), name="health-housekeeping")
                 tg.create_task(self._prober.run(session), name="probes")
 
+    def call_outcome(self, force: str, outcome: Outcome) -> None:
+        """How a call ended at its centre: failures eject it (router/watch/outliers.py)."""
+        _judge(self, force, outcome)
+
     def _on_probe(self, force: str, pid: str, result: ProbeResult) -> None:
         machine = self._machines.get(force)
         if machine is not None and pid in machine.probe_ids:
@@ -169,8 +213,14 @@ class Watcher:
                                        after="automatic", source=had.source,
                                        reason=f"expired: {had.reason}")
                 self._apply(fid, transition)
+            if self._recalled and now >= self._recall_until:  # evidence of their own from now
+                recalled, self._recalled = self._recalled, {}
+                for fid in recalled:
+                    self._apply(fid, None)
             deadlines = [d for m in self._machines.values()
                          if (d := m.next_deadline(now)) is not None]
+            if self._recalled:
+                deadlines.append(self._recall_until)
             if (until := self._evidence.deadline()) is not None:
                 deadlines.append(until)
             wait = min(min(deadlines, default=now + MAX_IDLE_S) - now, MAX_IDLE_S)
@@ -227,9 +277,10 @@ class Watcher:
         if transition is not None:
             self._record(transition)
             self._wake.set()  # holds and ramps bring new deadlines
-        if self._snapshot.centres.get(force) == m.view:
+        view = self._view(force, m)
+        if self._snapshot.centres.get(force) == view:
             return
-        self._snapshot = self._snapshot.with_centre(force, m.view)  # one atomic swap
+        self._snapshot = self._snapshot.with_centre(force, view)  # one atomic swap
         self._snapshots.notify(self._snapshot)
 
     def _record(self, t: Transition) -> None:
@@ -239,3 +290,37 @@ class Watcher:
         self._audit.record("state_change", force=t.force, before=t.before.value,
                            after=t.after.value, source=t.source, reason=t.reason)
         self._transitions.notify(t)
+
+
+def _judge(w: Watcher, force: str, outcome: Outcome) -> None:
+    """A call's outcome through outlier detection (at the running settings), counted and
+    logged; an ejection goes to the centre's machine as its telephony down."""
+    machine, now, outliers = w._machines.get(force), w._clock(), w._outliers
+    if machine is None:
+        return
+    metrics.CALL_OUTCOMES.labels(force, outcome.value).inc()
+    outliers.reconfigure(w._config.health.outlier_detection)
+    capped = outliers.capped
+    ejection = outliers.record(force, outcome, now, len(w._machines))
+    if outliers.capped > capped:
+        log.warning("%s: calls failing, but max_ejection_percent allows no more ejected "
+                    "centres now", force)
+    if ejection is not None:
+        metrics.OUTLIER_EJECTIONS.labels(force).inc()
+        log.warning("%s: %s", force, ejection.reason)
+        w._apply(force, machine.eject(ejection.until, ejection.reason, now))
+
+
+def _edge(w: Watcher, force: str, pid: str) -> float | None:
+    """The prober's question: is this probe on an edge, to be confirmed quickly?"""
+    machine = w._machines.get(force)
+    return None if machine is None else machine.edge_interval(pid)
+
+
+def _same(a: Override | None, b: Override | None) -> bool:
+    """The same declaration, its times read back through the wall clock (to within 1 s)."""
+    if a is None or b is None:
+        return a is b
+    return ((a.state, a.reason, a.source) == (b.state, b.reason, b.source)
+            and (a.expires_at is None) == (b.expires_at is None)
+            and abs((a.expires_at or 0.0) - (b.expires_at or 0.0)) < 1.0)

@@ -348,7 +348,8 @@ def entry_of(change: StatusChange) -> HistoryEntry:
 
 # the rows a restarted desk resumes (see HandoffStore.unfinished); one parameter, the time
 UNFINISHED_SQL = (f"WHERE status NOT IN ({FINAL_SQL}) AND (delivered_at IS NULL OR "
-                  "(status = 'delivered' AND delivered_at >= {mark})) ORDER BY accepted_at")
+                  "(status IN ('delivered', 'escalated') AND delivered_at >= {mark})) "
+                  "ORDER BY accepted_at")
 
 
 def filters(status: str | None, to: str | None, mark1: str,

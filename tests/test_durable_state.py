@@ -1,0 +1,265 @@
+"""What matters to a call survives the router: declarations and the last known states come
+back after SIGTERM and SIGKILL of a real process; two routers on one PostgreSQL share
+declarations at once; and a database that goes away (a real PostgreSQL behind a TCP proxy we
+cut) never stops call routing, while handoffs get 503 with Retry-After and nothing accepted
+is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import asyncpg
+import pytest
+import yaml
+from conftest import Broker, free_port
+from handoff_support import incident
+from service_support import MANAGER, TOKENS, environ, make_config, running_service
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUTER = [str(Path(sys.executable).parent / "overflow-router")]
+MET_DOWN = {"state": "down", "reason": "CAD and phones failed"}
+
+
+def headers(role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[role]}"}
+
+
+@contextlib.contextmanager
+def router_process(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen([*ROUTER, "run", "--config", str(config), "--port", str(port)],
+                                cwd=ROOT, env={**os.environ, **environ()}, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def until_up(session: aiohttp.ClientSession, base: str, within_s: float = 15) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(f"{base}/healthz") as resp:
+                if resp.status == 200:
+                    return
+        await asyncio.sleep(0.05)
+    raise AssertionError("router did not come up")
+
+
+async def healthy_telemetry(port: int, forces: list[str], stop: asyncio.Event) -> None:
+    """Partners' ACDs reporting in: plenty of handlers free."""
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        while not stop.is_set():
+            for force in forces:
+                await client.publish(f"overflow/centres/{force}/telemetry", json.dumps({
+                    "ts": time.time(), "telephony_up": True, "cad_up": True,
+                    "calls_waiting": 0, "handlers_available": 20, "handlers_on_duty": 40,
+                    "oldest_wait_s": 0}))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+async def test_a_declaration_and_the_partners_states_survive_the_process(
+        tmp_path: Path, broker: Broker, how: signal.Signals) -> None:
+    config = make_config(tmp_path, mqtt_port=broker.port)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    partners = ["kent", "surrey", "essex", "tvp", "herts", "city", "sussex"]
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        with router_process(config, port, tmp_path / "router.log") as proc:
+            await until_up(session, base)
+            telemetry = asyncio.create_task(healthy_telemetry(broker.port, partners, stop))
+            for _ in range(100):
+                async with session.get(f"{base}/v1/forces", headers=headers("viewer")) as r:
+                    board = (await r.json())["forces"]
+                if all(board[p]["state"] == "normal" for p in partners):
+                    break
+                await asyncio.sleep(0.1)
+            async with session.put(f"{base}/v1/forces/met/override", json=MET_DOWN,
+                                   headers=headers("manager")) as resp:
+                assert resp.status == 200 and (await resp.json())["remembered"] is True
+            await asyncio.sleep(6)  # the partners' states are saved every 5 s
+            stop.set()
+            await telemetry
+            proc.send_signal(how)
+            proc.wait(15)
+        # no telemetry now: right after the start, partners have no evidence of their own
+        with router_process(config, port, tmp_path / "router.log"):
+            await until_up(session, base)
+            async with session.post(f"{base}/v1/route", headers=headers("telephony"), json={
+                    "call_id": "after-restart", "service": "999", "origin": "met"}) as resp:
+                decision = await resp.json()
+            async with session.get(f"{base}/v1/forces", headers=headers("viewer")) as resp:
+                met = (await resp.json())["forces"]["met"]
+    assert met["state"] == "down" and met["override"]["source"] == f"manager:{MANAGER}"
+    assert met["override"]["reason"] == MET_DOWN["reason"]
+    assert decision["destination"] in partners, decision  # not home, not as a last resort
+    assert decision["reason"] != "last_resort"
+
+
+async def test_two_routers_on_one_postgresql_share_declarations_at_once(
+        tmp_path: Path, pg_dsn: str) -> None:
+    paths = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        path = make_config(tmp_path / name)
+        raw = yaml.safe_load(path.read_text())
+        raw["handoff"]["store"] = pg_dsn
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        paths.append(path)
+    async with running_service(paths[0]) as a, running_service(paths[1]) as b:
+        await _until(lambda: a.service.runtime.keeper.memory.available  # type: ignore[union-attr]
+                     and b.service.runtime.keeper.memory.available)  # type: ignore[union-attr]
+        status, body = await a.call("PUT", "/v1/forces/met/override", "manager", json=MET_DOWN)
+        assert status == 200 and body["remembered"] is True
+        began = time.monotonic()
+        await _until(lambda: b.service.watcher.snapshot.get("met").state.value == "down", 1.0)
+        shared_in = time.monotonic() - began
+        status, _ = await b.call("DELETE", "/v1/forces/met/override", "manager")
+        assert status == 200
+        await _until(lambda: a.service.watcher.overrides().get("met") is None, 1.0)
+    assert shared_in < 1.0
+
+
+async def _until(check: Any, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.01)
+
+
+# ---- a database that goes away ----------------------------------------------------------------
+
+
+class Cut:
+    """A TCP proxy to PostgreSQL that can be cut (every connection dropped, new ones refused)
+    and mended: the database going away as the router sees it, and coming back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.links: set[asyncio.StreamWriter] = set()
+
+    async def mend(self) -> None:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        for writer in list(self.links):
+            writer.transport.abort()
+        self.links.clear()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.links |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.links -= {writer, up_writer}
+
+
+@pytest.fixture
+async def cut_pg(pg_dsn: str) -> AsyncIterator[tuple[Cut, str, str]]:
+    """(the proxy, the router's DSN through it, the direct DSN), the proxy cut to begin."""
+    head, _, rest = pg_dsn.partition("@")
+    hostport, _, db = rest.partition("/")
+    cut = Cut(int(hostport.rpartition(":")[2]))
+    try:
+        yield cut, f"{head}@127.0.0.1:{cut.port}/{db}", pg_dsn
+    finally:
+        await cut.cut()
+
+
+async def test_routing_goes_on_while_the_database_is_away_and_nothing_accepted_is_lost(
+        tmp_path: Path, cut_pg: tuple[Cut, str, str]) -> None:
+    cut, dsn, direct = cut_pg
+    path = make_config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["handoff"]["store"] = dsn
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    accepted: set[str] = set()
+    refused = routed = 0
+
+    async with running_service(path) as api:  # starts with the database away
+        async def hand_over(n: int) -> None:
+            nonlocal refused
+            async with api.session.post(f"{api.base}/v1/handoffs", json=incident(n),
+                                        headers=api.auth("partner:kent")) as resp:
+                if resp.status in (200, 202):
+                    accepted.add((await resp.json())["id"])
+                else:
+                    assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1
+                    refused += 1
+
+        async def route(n: int) -> None:
+            nonlocal routed
+            status, decision = await api.call("POST", "/v1/route", "telephony", json={
+                "call_id": f"c{n}", "service": "999", "origin": "met"})
+            assert status == 200 and decision["destination"], decision
+            routed += 1
+
+        await hand_over(0)
+        assert refused == 1
+        status, body = await api.call("PUT", "/v1/forces/met/override", "manager",
+                                      json=MET_DOWN)
+        assert status == 200 and body["remembered"] is False  # in memory until it is back
+        await route(0)
+
+        await cut.mend()
+        await _until(lambda: api.service.runtime.desk is not None, 40)
+        n = 1
+        for phase_s, mended in ((5.0, True), (30.0, False), (5.0, True)):
+            if not mended:
+                await cut.cut()
+            elif cut.server is None:
+                await cut.mend()
+            ends = time.monotonic() + phase_s
+            while time.monotonic() < ends:  # 10 routes and 2 handoffs a tick, bounded
+                await asyncio.gather(*(route(n * 10 + i) for i in range(10)),
+                                     hand_over(n), hand_over(10_000 + n))
+                n += 1
+                await asyncio.sleep(0.1)
+        await _until(lambda: api.service.runtime.desk is not None, 40)
+        await hand_over(99_999)  # back to normal
+
+    conn = await asyncpg.connect(direct, timeout=5)
+    try:
+        stored = {r["id"] for r in await conn.fetch("SELECT id FROM handoffs")}
+        declared = await conn.fetchval(
+            "SELECT value FROM operational_state WHERE key = 'declaration/met'")
+    finally:
+        await conn.close()
+    assert accepted and accepted <= stored  # every 202 is on disk
+    assert refused > 1 and routed > 300
+    assert json.loads(declared)["state"] == "down"  # written once the database came back
