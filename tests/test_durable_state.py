@@ -23,7 +23,7 @@ import aiomqtt
 import asyncpg
 import pytest
 import yaml
-from conftest import Broker, free_port
+from conftest import Broker, free_port, need
 from handoff_support import incident
 from service_support import MANAGER, TOKENS, environ, make_config, running_service
 
@@ -263,3 +263,61 @@ async def test_routing_goes_on_while_the_database_is_away_and_nothing_accepted_i
     assert accepted and accepted <= stored  # every 202 is on disk
     assert refused > 1 and routed > 300
     assert json.loads(declared)["state"] == "down"  # written once the database came back
+
+
+# ---- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs to fill up (needs root to mount; CI runs as root)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+                             capture_output=True, check=False)
+    need(mounted.returncode == 0, f"a tmpfs to fill ({mounted.stderr.decode().strip()})",
+         "run as root (CI does)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_full_disk_refuses_handoffs_with_503_and_routing_goes_on(
+        tmp_path: Path, small_disk: Path) -> None:
+    path = make_config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["handoff"]["store"] = f"sqlite:///{small_disk / 'handoffs.db'}"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    accepted: set[str] = set()
+    async with running_service(path) as api:
+        async def hand_over(n: int) -> int:
+            async with api.session.post(f"{api.base}/v1/handoffs", json=incident(n),
+                                        headers=api.auth("partner:kent")) as resp:
+                if resp.status in (200, 202):
+                    accepted.add((await resp.json())["id"])
+                else:
+                    assert int(resp.headers["Retry-After"]) >= 1
+                return resp.status
+
+        assert await hand_over(0) == 202
+        filler = small_disk / "filler"
+        with filler.open("wb") as out, contextlib.suppress(OSError):  # the rest of the disk
+            while True:
+                out.write(b"\0" * 65536)
+        statuses = [await hand_over(n) for n in range(1, 200)]
+        assert 503 in statuses  # refused once the disk is full: never a 500, never a crash
+        for n in range(20):
+            status, decision = await api.call("POST", "/v1/route", "telephony", json={
+                "call_id": f"full-{n}", "service": "999", "origin": "met"})
+            assert status == 200 and decision["destination"]
+        filler.unlink()  # space again: handoffs are taken again
+        for n in range(1000, 1100):
+            if await hand_over(n) == 202:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("handoffs still refused once the disk had room again")
+        for hid in accepted:  # every 202, before and after, is on record
+            status, _ = await api.call("GET", f"/v1/handoffs/{hid}", "viewer")
+            assert status == 200
