@@ -6,6 +6,9 @@ instances in turn, on the same sipp centres: one asks the running router per INV
 it every call's end), the other relays straight to the home centre. Rounds alternate so drift on
 a shared machine hits both; the best round of each is reported, with their ratio.
 
+Then the per-call cost of the router query over a kept-alive connection (HTTP Basic on
+http_client's named connection) against a new TCP connection per query, side by side.
+
 Then the router hangs (a stand-in that takes each query and never answers): the same calls
 through Kamailio with its circuit breaker and without it, side by side.
 """
@@ -69,6 +72,7 @@ async def _bench(calls: int, rounds: int) -> int:
                     results[mode].append(await _round(proxy, tmp, calls))
             paced = {mode: await _round(proxy, tmp, PACED_RATE * PACED_S, PACED_RATE)
                      for mode, proxy in proxies.items()}
+            reuse = await _reuse(forces, router.url, tmp, calls, rounds)
             hung = await _hung(forces, tmp)
         finally:
             for proxy in proxies.values():
@@ -76,7 +80,43 @@ async def _bench(calls: int, rounds: int) -> int:
             await router.stop()
             for centre in centres.values():
                 await centre.fail()
-    return _report(results, paced, calls) | _report_hung(hung)
+    return _report(results, paced, calls) | _report_reuse(reuse) | _report_hung(hung)
+
+
+async def _reuse(forces: Path, url: str, tmp: Path, calls: int,
+                 rounds: int) -> dict[str, list[CallerRun]]:
+    """Saturated rounds through Kamailio keeping its router connections alive, and through
+    one opening a new TCP connection per query; the same router, alternating rounds."""
+    proxies = {"reused": Proxy(forces, udp_port(), tmp, url),
+               "new TCP": Proxy(forces, udp_port(), tmp, url, keepalive=False)}
+    out: dict[str, list[CallerRun]] = {mode: [] for mode in proxies}
+    try:
+        for proxy in proxies.values():
+            await proxy.start()
+            await _round(proxy, tmp, min(calls, 200))
+        for _ in range(rounds):
+            for mode, proxy in proxies.items():
+                out[mode].append(await place_calls(
+                    proxy.port, tmp, origin="met", rate=OFFERED_RATE, calls=calls, hold_ms=0,
+                    max_concurrent=MAX_CONCURRENT, timeout_s=120))
+    finally:
+        for proxy in proxies.values():
+            await proxy.stop()
+    return out
+
+
+def _report_reuse(reuse: dict[str, list[CallerRun]]) -> int:
+    print("router connection per query (saturated, setup = INVITE to 200 OK, all rounds):")
+    best = {}
+    for mode, runs in reuse.items():
+        setups = sorted(a.setup_s for r in runs for a in r.answered) or [float("nan")]
+        best[mode] = max(_rate(r) for r in runs)
+        print(f"  {mode:8} best {best[mode]:7.1f} calls/s ({1e3 / best[mode]:.2f} ms/call)  "
+              f"setup p50 {statistics.median(setups) * 1e3:.1f} ms  "
+              f"p99 {setups[int(0.99 * (len(setups) - 1))] * 1e3:.1f} ms  "
+              f"failed {sum(r.failed for r in runs)}")
+    print(f"  reused/new = {best['reused'] / best['new TCP']:.2f}")
+    return 0 if all(r.failed == 0 for runs in reuse.values() for r in runs) else 1
 
 
 async def _hung(forces: Path, tmp: Path) -> dict[str, tuple[CallerRun, int]]:

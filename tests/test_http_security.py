@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -128,3 +129,26 @@ def test_a_partner_whose_signing_key_is_unset_is_refused_not_let_in_unsigned(
     signer = TokenBook(tokens, ENV).lookup("kent")
     assert signer is not None and signer.signing_key == KEY.encode()
     assert KEY not in repr(signer)  # a principal in a log line shows no key
+
+
+async def test_basic_credentials_carry_a_token_for_the_same_principal(tmp_path: Path) -> None:
+    """Kamailio's named connections send `Basic base64(user:token)` on a kept-alive
+    connection: the password is the token, the user name anything, the role the token's."""
+    def basic(user: str, password: str) -> dict[str, str]:
+        raw = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {raw}"}
+
+    async with service(tmp_path) as (base, session):
+        url = f"{base}/v1/route?call_id=b1&service=999&origin=met&format=text"
+        for user in ("telephony", "kamailio", ""):
+            async with session.get(url, headers=basic(user, "tel")) as resp:
+                assert resp.status == 200 and (await resp.text()).startswith("sip:")
+        refused = [basic("tel", "wrong"), basic("tel", ""), {"Authorization": "Basic tel"},
+                   {"Authorization": "Basic !!!"}, {"Authorization": "Digest tel"}]
+        for headers in refused:
+            async with session.get(url, headers=headers) as resp:
+                assert resp.status == 401, headers
+        async with session.get(url, headers=basic("any", "manager")) as resp:
+            assert resp.status == 403  # the manager's token, as Basic: still a manager
+        async with session.get(f"{base}/v1/forces", headers=basic("x", "manager")) as resp:
+            assert resp.status == 200

@@ -4,23 +4,29 @@
         --listen udp:10.0.0.5:5060 --router http://127.0.0.1:8080
     kamailio -DD -E -f /etc/kamailio/overflow/kamailio.cfg
 
-kamailio.cfg is copied unchanged; everything that varies per deployment goes into the two
-files it includes: `overflow-local.cfg` (defines) and `overflow-tables.cfg` (static tables).
+kamailio.cfg is copied unchanged; everything that varies per deployment goes into the three
+files it includes: `overflow-local.cfg` (defines), `overflow-tables.cfg` (static tables) and
+`overflow-routers.cfg` (one http_client connection per router, defined from the environment).
 The tables come from the same forces.yaml the router reads, so the proxy's fallback can never
 disagree with the router about where a force's own centre is. `home` maps origin:service to
 the force's own SIP URI and `alt` to its highest-weighted overflow partner's; the proxy uses
 them when the router is silent or a destination fails.
-No secret is written: the proxy reads the telephony token from the environment at run time.
+No secret is written: each router's connection, HTTP Basic credentials included, is read from
+the environment when Kamailio starts (`OVERFLOW_ROUTER_HTTPCON_1`, `_2`, ...: Kamailio's
+preprocessor cannot splice a variable into the middle of a string). `--print-env` prints those
+variables from the telephony token in the environment, for a unit file's EnvironmentFile.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # run from a checkout without installing
@@ -37,25 +43,34 @@ class EdgeSettings:
     """What differs between one Kamailio deployment (or test run) and another."""
 
     listen: str  # udp:HOST:PORT
-    router_url: str | None  # None: no router at all, every call goes home (a baseline)
+    router_urls: tuple[str, ...]  # asked in order; none: every call goes home (a baseline)
     token_env: str = "OVERFLOW_TOKEN_TELEPHONY"
+    httpcon_env: str = "OVERFLOW_ROUTER_HTTPCON"  # + _1, _2, ...: each router's connection
     router_timeout_s: int = 1  # http_client in Kamailio 5.6 takes whole seconds
     relay_timeout_ms: int = 1500
     route_workers: int = 8
     breaker_s: int = 5  # after a router failure, calls go home without asking this long; 0: off
     children: int = 4
+    plan_max_age_s: int = 300  # a router's answer is used without it this long at most
+    keepalive: bool = True  # False: a new TCP connection per query (a benchmark baseline)
 
     def __post_init__(self) -> None:
         if not LISTEN.match(self.listen):
             raise ValueError(f"listen: expected udp:HOST:PORT, got {self.listen!r}")
-        if self.router_url is not None and not URL.match(self.router_url):
-            raise ValueError(f"router: expected an http(s):// URL, got {self.router_url!r}")
+        if len(self.router_urls) > 3:
+            raise ValueError("router: at most 3 (kamailio.cfg has a connection for each)")
+        for url in self.router_urls:
+            if not URL.match(url) or "@" in url or ";" in url:
+                raise ValueError(f"router: expected an http(s)://HOST:PORT URL, got {url!r}")
         if self.router_timeout_s < 1 or self.relay_timeout_ms < 100:
             raise ValueError("timeouts: the router's is at least 1 s, a relay's at least 100 ms")
         if self.breaker_s < 0:
             raise ValueError(f"breaker-s: 0 (off) or more, got {self.breaker_s}")
-        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", self.token_env):
-            raise ValueError(f"token-env: not an environment variable name: {self.token_env!r}")
+        for name in (self.token_env, self.httpcon_env):
+            if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
+                raise ValueError(f"not an environment variable name: {name!r}")
+        if self.plan_max_age_s < 1:
+            raise ValueError(f"plan-max-age-s: at least 1, got {self.plan_max_age_s}")
 
 
 def tables(config: RouterConfig) -> dict[str, dict[str, str]]:
@@ -87,15 +102,37 @@ def render_local(edge: EdgeSettings) -> str:
         f'#!substdef "!ROUTE_WORKERS!{edge.route_workers}!g"',
         f"#!define BREAKER_S {edge.breaker_s}" if edge.breaker_s else "#!define NO_BREAKER",
         f"#!define SIP_CHILDREN {edge.children}",
+        # substdef: it is used inside a string (the plan table's autoexpire)
+        f'#!substdef "!PLAN_MAX_AGE_S!{edge.plan_max_age_s}!g"',
     ]
-    if edge.router_url is not None:
-        lines += [
-            "#!define WITH_ROUTER",
-            f'#!define ROUTER_URL "{edge.router_url.rstrip("/")}"',
-            # substdef again: the name is used inside $env(...)
-            f'#!substdef "!ROUTER_TOKEN_ENV!{edge.token_env}!g"',
-        ]
+    if edge.router_urls:
+        lines += ["#!define WITH_ROUTER", f"#!define ROUTERS {len(edge.router_urls)}"]
+        if not edge.keepalive:
+            lines.append("#!define NO_KEEPALIVE")
     return "\n".join([*lines, ""])
+
+
+def render_routers(edge: EdgeSettings) -> str:
+    """One named http_client connection per router, router1, router2, ..., each defined whole
+    by an environment variable (it holds the token), in the order they are asked."""
+    lines = [HEADER]
+    for n, url in enumerate(edge.router_urls, 1):
+        lines += [f"# router{n}: {url}, defined by ${edge.httpcon_env}_{n}",
+                  f"#!defenvs ROUTER_CON_{n}={edge.httpcon_env}_{n}",
+                  f'modparam("http_client", "httpcon", ROUTER_CON_{n})']
+    return "\n".join([*lines, ""])
+
+
+def httpcon_env(edge: EdgeSettings, token: str, user: str = "telephony") -> dict[str, str]:
+    """The environment Kamailio needs: each router's named connection with HTTP Basic
+    credentials, the token as the password (percent-encoded: curl decodes it)."""
+    out = {}
+    for n, url in enumerate(edge.router_urls, 1):
+        parts = urlsplit(url.rstrip("/"))
+        userinfo = f"{quote(user, safe='')}:{quote(token, safe='')}"
+        out[f"{edge.httpcon_env}_{n}"] = (
+            f"router{n}=>{parts.scheme}://{userinfo}@{parts.netloc}{parts.path}")
+    return out
 
 
 def render_tables(config: RouterConfig) -> str:
@@ -115,6 +152,7 @@ def write_dir(config: RouterConfig, edge: EdgeSettings, out: Path) -> Path:
     shutil.copyfile(HERE / "kamailio.cfg", main)
     (out / "overflow-local.cfg").write_text(render_local(edge), encoding="utf-8")
     (out / "overflow-tables.cfg").write_text(render_tables(config), encoding="utf-8")
+    (out / "overflow-routers.cfg").write_text(render_routers(edge), encoding="utf-8")
     return main
 
 
@@ -128,7 +166,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--listen", default="udp:127.0.0.1:5060")
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--router", help="the router's base URL, e.g. http://127.0.0.1:8080")
+    group.add_argument("--router", action="append",
+                       help="a router's base URL, e.g. http://127.0.0.1:8080; give it again "
+                       "for a second router, asked when the first fails")
     group.add_argument("--static", action="store_true",
                        help="no router: every call goes to its home centre (a baseline)")
     parser.add_argument("--token-env", help="variable holding the telephony token "
@@ -141,6 +181,16 @@ def main(argv: list[str]) -> int:
                         help="after the router fails, calls go home without asking this long "
                         "(seconds; 0 turns the breaker off, a benchmark baseline)")
     parser.add_argument("--children", type=int, default=4)
+    parser.add_argument("--plan-max-age-s", type=int, default=300,
+                        help="with no router answering, calls follow the routers' answers of "
+                        "at most this age (seconds), then go home; default 300")
+    parser.add_argument("--httpcon-env", default="OVERFLOW_ROUTER_HTTPCON",
+                        help="prefix of the variables defining each router's connection")
+    parser.add_argument("--no-keepalive", action="store_true",
+                        help="a new TCP connection per router query (a benchmark baseline)")
+    parser.add_argument("--print-env", action="store_true",
+                        help="print those variables (from the token in the environment) "
+                        "instead of writing files")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -153,14 +203,24 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         edge = EdgeSettings(
-            listen=args.listen, router_url=None if args.static else args.router,
-            token_env=token_env or "UNUSED", router_timeout_s=args.router_timeout_s,
-            relay_timeout_ms=args.relay_timeout_ms, route_workers=args.route_workers,
-            breaker_s=args.breaker_s, children=args.children,
+            listen=args.listen, router_urls=() if args.static else tuple(args.router),
+            token_env=token_env or "UNUSED", httpcon_env=args.httpcon_env,
+            router_timeout_s=args.router_timeout_s, relay_timeout_ms=args.relay_timeout_ms,
+            route_workers=args.route_workers, breaker_s=args.breaker_s,
+            children=args.children, plan_max_age_s=args.plan_max_age_s,
+            keepalive=not args.no_keepalive,
         )
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.print_env:
+        token = os.environ.get(edge.token_env, "")
+        if not token:
+            print(f"--print-env: {edge.token_env} is not set", file=sys.stderr)
+            return 2
+        for name, value in httpcon_env(edge, token).items():
+            print(f"{name}='{value}'")
+        return 0
     print(write_dir(config, edge, Path(args.out)))
     return 0
 

@@ -1,5 +1,9 @@
 """Bearer tokens with roles: telephony, viewer, manager, partner:FORCE.
 
+A token may also be presented as HTTP Basic credentials, the token being the password (any
+user name): Kamailio's named http_client connections can send those on a kept-alive
+connection, where they cannot add an `Authorization: Bearer` header.
+
 Tokens (and partners' signing keys) are read from the environment variables the config names,
 never from the file itself. A manager may do what a viewer may; a partner is bound to its own
 force. Each token may also be bound to a client certificate (mutual TLS), and has its own rate
@@ -8,6 +12,8 @@ limit and body-size limit, so one caller's flood or bulk cannot crowd out the ot
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 import os
@@ -114,8 +120,14 @@ PRINCIPAL = web.RequestKey("principal", Principal)  # set by require() for the h
 def principal_of(request: web.Request) -> Principal:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        fail(401, "unauthorized", "missing bearer token (Authorization: Bearer TOKEN)")
+    scheme = scheme.lower()
+    if scheme == "basic":
+        token = _basic_password(token.strip())
+    elif scheme != "bearer":
+        token = ""
+    if not token.strip():
+        fail(401, "unauthorized", "missing bearer token (Authorization: Bearer TOKEN, or "
+             "Basic credentials whose password is the token)")
     principal = request.app[TOKENS].lookup(token.strip())
     if principal is None:
         fail(401, "unauthorized", "unknown token")
@@ -123,6 +135,17 @@ def principal_of(request: web.Request) -> Principal:
         # the same 401 as an unknown token: a stolen token alone must not confirm it is valid
         fail(401, "unauthorized", "unknown token, or not presented with its client certificate")
     return principal
+
+
+def _basic_password(credentials: str) -> str:
+    """The password of `Basic base64(user:password)`; "" when it is not that. The user name is
+    not checked: the password alone is the token."""
+    try:
+        decoded = base64.b64decode(credentials.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return ""
+    _, colon, password = decoded.partition(b":")
+    return password.decode("utf-8", "surrogateescape") if colon else ""
 
 
 def require(*roles: str) -> Callable[[Handler], Handler]:

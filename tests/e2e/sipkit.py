@@ -16,10 +16,11 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import yaml
@@ -107,18 +108,31 @@ class Centre:
     uas: asyncio.subprocess.Process | None = None
     health: web.AppRunner | None = None
 
-    async def start(self) -> None:
+    async def start(self, refuse_calls_with: int | None = None) -> None:
+        """Answer calls, or (a grey failure) refuse each with `refuse_calls_with` while still
+        answering OPTIONS."""
+        scenario = HERE / "uas.xml"
+        if refuse_calls_with is not None:
+            scenario = self.workdir / f"uas-{self.force}-{refuse_calls_with}.xml"
+            scenario.write_text((HERE / "uas_fail.xml").read_text().replace(
+                "CODE", str(refuse_calls_with)))
         self.uas = await spawn(
-            SIPP or "sipp", "-sf", str(HERE / "uas.xml"), "-i", "127.0.0.1",
+            SIPP or "sipp", "-sf", str(scenario), "-i", "127.0.0.1",
             "-p", str(self.sip_port), "-key", "centre", self.force, "-nostdin",
             "-trace_err", "-error_file", str(self.workdir / f"uas-{self.force}.err"),
             log=self.workdir / f"uas-{self.force}.out", cwd=self.workdir)
-        app = web.Application()
-        app.router.add_get("/health", _healthy)
-        self.health = web.AppRunner(app)
-        await self.health.setup()
-        await web.TCPSite(self.health, "127.0.0.1", self.health_port).start()
+        if self.health is None:
+            app = web.Application()
+            app.router.add_get("/health", _healthy)
+            self.health = web.AppRunner(app)
+            await self.health.setup()
+            await web.TCPSite(self.health, "127.0.0.1", self.health_port).start()
         await wait_sip(self.sip_port)
+
+    async def refuse_calls(self, code: int) -> None:
+        """Swap the answering UAS for one that refuses calls with `code`; CAD stays up."""
+        await stop(self.uas)
+        await self.start(refuse_calls_with=code)
 
     async def fail(self) -> None:
         await stop(self.uas)
@@ -236,23 +250,41 @@ class Proxy:
     children: int = 4
     route_workers: int = 8
     breaker_s: int = 5
+    more_routers: Sequence[str] = ()  # asked in order after router_url
+    plan_max_age_s: int = 300
+    keepalive: bool = True
     proc: asyncio.subprocess.Process | None = None
 
+    @property
+    def routers(self) -> list[str]:
+        return [self.router_url, *self.more_routers] if self.router_url else []
+
+    def env(self) -> dict[str, str]:
+        """The tokens and each router's connection, as render.py --print-env writes them."""
+        token = quote(TOKENS[TELEPHONY_ENV], safe="")
+        return TOKENS | {
+            f"OVERFLOW_ROUTER_HTTPCON_{n}":
+                f"router{n}=>{url.replace('://', f'://telephony:{token}@', 1).rstrip('/')}"
+            for n, url in enumerate(self.routers, 1)}
+
     async def start(self) -> None:
-        out = self.workdir / ("kamailio-router" if self.router_url else "kamailio-static")
-        mode = ["--router", self.router_url] if self.router_url else ["--static"]
+        out = self.workdir / (f"kamailio-router-{self.port}" if self.router_url
+                              else f"kamailio-static-{self.port}")
+        mode = [a for url in self.routers for a in ("--router", url)] or ["--static"]
+        if not self.keepalive:
+            mode.append("--no-keepalive")
         render = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "deploy" / "kamailio" / "render.py"), str(self.forces),
             "--out", str(out), "--listen", f"udp:127.0.0.1:{self.port}", *mode,
             "--children", str(self.children), "--route-workers", str(self.route_workers),
-            "--breaker-s", str(self.breaker_s),
+            "--breaker-s", str(self.breaker_s), "--plan-max-age-s", str(self.plan_max_age_s),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         stdout, stderr = await asyncio.wait_for(render.communicate(), 30)
         if render.returncode != 0:
             raise RuntimeError(f"render.py failed: {stderr.decode()}")
         self.proc = await spawn(KAMAILIO, "-DD", "-E", "-f", stdout.decode().strip(),
                                 "-Y", str(out), "-m", "256", "-M", "16",
-                                log=out / "kamailio.log", env=TOKENS)
+                                log=out / "kamailio.log", env=self.env())
         await wait_sip(self.port)
 
     async def stop(self) -> None:
