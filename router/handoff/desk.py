@@ -141,8 +141,7 @@ class HandoffDesk:
     # -- reloading ------------------------------------------------------------------------------
 
     def build(self, config: RouterConfig) -> dict[str, Adapter]:
-        """The adapters a reload to `config` needs (new or changed `cad:` blocks), or raise
-        AdapterConfigError. Changes nothing: a reload runs it in a thread."""
+        """New or changed adapters for `config` (or AdapterConfigError); thread-safe."""
         return build_adapters(config, [f for f in config.forces if f not in self._couriers or
                                        self._couriers[f].cad.spec != spec_of(config, f)],
                               self._answer_for)
@@ -251,8 +250,10 @@ class HandoffDesk:
                                     delivered_at=entry.at))
 
     def _await_answer(self, item: Live) -> None:
-        self._answering.awaiting[item.id] = item
-        self._escalator.watch(item, "acknowledgement")
+        """Watch for a dispatcher's answer where the priority has a deadline for one."""
+        if not item.escalated and item.priority in self.settings.ack_deadlines_s:
+            self._answering.awaiting[item.id] = item
+            self._escalator.watch(item, "acknowledgement")
 
     async def get(self, hid: str) -> dict[str, Any] | None:
         found = await self.store.get(hid)

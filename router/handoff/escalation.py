@@ -30,13 +30,14 @@ class Escalator:
     those delivered and awaiting a dispatcher (`awaiting`, by id); `run` in a task."""
 
     def __init__(self, settings: Handoff, journal: Journal, live: Mapping[str, Live],
-                 awaiting: Mapping[str, Live], *, alert: Alert,
+                 awaiting: dict[str, Live], *, alert: Alert,
                  clock: Callable[[], float]) -> None:
         self.journal = journal
         self.alert = alert
         self.clock = clock
         self._watched: dict[Waiting, Mapping[str, Live]] = {"delivery": live,
                                                             "acknowledgement": awaiting}
+        self._awaiting = awaiting  # escalated, a handoff waits no more (a late answer counts)
         self._heaps: dict[Waiting, list[tuple[float, str]]] = {}  # (due, handoff id)
         self._wake = asyncio.Event()
         self.configure(settings)
@@ -92,6 +93,8 @@ class Escalator:
             return
         deadline = self._limits[waiting][item.priority]
         item.escalated = True
+        if waiting == "acknowledgement":
+            self._awaiting.pop(item.id, None)
         before = item.status
         what = ("not delivered" if waiting == "delivery"
                 else "delivered, but not accepted or rejected by a dispatcher")
