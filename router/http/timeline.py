@@ -21,6 +21,7 @@ from router.http.state import runtime
 
 MAX_LIMIT = 500
 CHUNK = 64 * 1024
+SYNC_TIMEOUT_S = 1.0  # for the audit writer to append what is queued (an fsync or two)
 
 
 class AuditQuery(BaseModel):
@@ -78,6 +79,8 @@ async def get_audit(request: web.Request) -> web.Response:
     query = validate(AuditQuery, query_params(request))
     rt = runtime(request)
     path = rt.audit.path if rt.audit is not None else Path(rt.config.service.audit_log)
+    if rt.audit is not None:  # what was recorded before this request is in the file
+        await asyncio.to_thread(rt.audit.sync, SYNC_TIMEOUT_S)
     records = await asyncio.to_thread(tail, path, query.limit, query.kind, query.force)
     return web.json_response({"records": records, "count": len(records)})
 
