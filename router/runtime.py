@@ -72,23 +72,10 @@ class Runtime:
         self.started = self.config
         _config_metrics(self.config)
 
-    def reload(self, *, source: str = "manager") -> Reloaded:
-        """Validate the config file again and swap it in whole, or raise and keep the old one.
-
-        The desk goes first: building new CAD adapters is the last thing that can refuse.
-        Nothing awaits between the swaps below, so no request sees half of each config.
-        Applied or refused, the reload is audited with `source`: who asked (`SIGHUP`, or the
-        manager's principal, `manager:TOKEN_ENV`).
-        """
-        try:
-            config = _read(self.config_path)
-        except ConfigError as exc:
-            self._refused(source, exc)
-            raise
-        return self._swap(config, source)
-
     async def reload_async(self, *, source: str = "manager") -> Reloaded:
-        """`reload`, with the file read, parsed and validated in a thread, so a large file or
+        """Validate the config file again and swap it in whole, or raise and keep the old one;
+        audited either way with `source` (who asked: `SIGHUP`, or the manager). The file is
+        read, parsed and validated, and new CAD adapters built, in a thread, so a large file or
         a slow disk never stalls routing; the swap itself runs on the loop, awaiting nothing
         (so the audit chain is only ever written from the loop). One reload at a time."""
         async with self._reload_lock:

@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import aiomqtt
@@ -24,7 +23,7 @@ import asyncpg
 import pytest
 import yaml
 from conftest import Broker, free_port, need
-from handoff_support import incident
+from handoff_support import incident, wait_for
 from service_support import MANAGER, TOKENS, environ, make_config, running_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,24 +124,18 @@ async def test_two_routers_on_one_postgresql_share_declarations_at_once(
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         paths.append(path)
     async with running_service(paths[0]) as a, running_service(paths[1]) as b:
-        await _until(lambda: a.service.runtime.keeper.memory.available  # type: ignore[union-attr]
-                     and b.service.runtime.keeper.memory.available)  # type: ignore[union-attr]
+        await wait_for(lambda: a.service.runtime.keeper.memory.available  # type: ignore[union-attr]
+                       and b.service.runtime.keeper.memory.available,  # type: ignore[union-attr]
+                       10.0)
         status, body = await a.call("PUT", "/v1/forces/met/override", "manager", json=MET_DOWN)
         assert status == 200 and body["remembered"] is True
         began = time.monotonic()
-        await _until(lambda: b.service.watcher.snapshot.get("met").state.value == "down", 1.0)
+        await wait_for(lambda: b.service.watcher.snapshot.get("met").state.value == "down", 1.0)
         shared_in = time.monotonic() - began
         status, _ = await b.call("DELETE", "/v1/forces/met/override", "manager")
         assert status == 200
-        await _until(lambda: a.service.watcher.overrides().get("met") is None, 1.0)
+        await wait_for(lambda: a.service.watcher.overrides().get("met") is None, 1.0)
     assert shared_in < 1.0
-
-
-async def _until(check: Any, within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        await asyncio.sleep(0.01)
 
 
 # ---- a database that goes away ----------------------------------------------------------------
@@ -237,7 +230,7 @@ async def test_routing_goes_on_while_the_database_is_away_and_nothing_accepted_i
         await route(0)
 
         await cut.mend()
-        await _until(lambda: api.service.runtime.desk is not None, 40)
+        await wait_for(lambda: api.service.runtime.desk is not None, 40)
         n = 1
         for phase_s, mended in ((5.0, True), (30.0, False), (5.0, True)):
             if not mended:
@@ -250,7 +243,7 @@ async def test_routing_goes_on_while_the_database_is_away_and_nothing_accepted_i
                                      hand_over(n), hand_over(10_000 + n))
                 n += 1
                 await asyncio.sleep(0.1)
-        await _until(lambda: api.service.runtime.desk is not None, 40)
+        await wait_for(lambda: api.service.runtime.desk is not None, 40)
         await hand_over(99_999)  # back to normal
 
     conn = await asyncpg.connect(direct, timeout=5)

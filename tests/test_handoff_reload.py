@@ -212,7 +212,7 @@ async def test_a_reload_while_the_desk_opens_reaches_it_once_open(
         edit(path, lambda raw: raw["handoff"].update(
             deadlines_s={"P1": 30, "P2": 300, "P3": 1800, "P4": 7200}))
         assert service.runtime.desk is None
-        service.runtime.reload()  # what SIGHUP does
+        await service.runtime.reload_async(source="SIGHUP")  # what SIGHUP does
         async with real_open(config, **kw) as desk:
             yield desk
 
