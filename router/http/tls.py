@@ -35,7 +35,7 @@ def _no_password() -> bytes:
 
 class ServerCertificates:
     """The listener's SSLContext and the files it reads; `reload()` is called by
-    Runtime.reload, before anything is swapped, so a broken certificate refuses the reload."""
+    Runtime.reload_async, before anything is swapped, so a broken certificate refuses the reload."""
 
     def __init__(self, settings: ServerTls, config_file: str = "(config)"):
         self.settings = settings
