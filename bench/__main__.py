@@ -1,12 +1,12 @@
 """Run every benchmark, or those named:
-`python -m bench [engine failover service handoff acknowledge sip sim]`."""
+`python -m bench [engine failover service handoff acknowledge sip sim instances]`."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-ALL = ("engine", "failover", "service", "handoff", "acknowledge", "sip", "sim")
+ALL = ("engine", "failover", "service", "handoff", "acknowledge", "sip", "sim", "instances")
 
 
 def main(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ from router.engine.calls import CallDesk
 from router.handoff.desk import HandoffDesk
 from router.infra import metrics
 from router.infra.audit import AuditLog
+from router.infra.leader import Leadership
 from router.infra.mqtt_link import MqttLink
 from router.watch.keeper import Keeper
 from router.watch.publisher import Publisher
@@ -65,6 +66,8 @@ class Runtime:
     started: RouterConfig = field(init=False)  # what the RESTART_ONLY settings still are
     certificates: Certificates | None = None  # set while serving HTTPS
     keeper: Keeper | None = None  # declarations on disk and shared between routers
+    instance: str = "router"  # this router's name among several (router/infra/instance.py)
+    leadership: Leadership | None = None  # whether it leads them
 
     _reload_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiomqtt
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -17,6 +23,7 @@ from router.config import load_config
 from router.http.app import RouterApp
 
 ROOT = Path(__file__).resolve().parent.parent
+ROUTER = [str(Path(sys.executable).parent / "overflow-router")]
 MANAGER = "Insp. A. Test"  # the person the test manager token belongs to
 TOKENS = {
     "telephony": "t-telephony-secret",
@@ -94,3 +101,43 @@ async def running_service(config_path: Path,
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+@contextlib.contextmanager
+def router_process(config: Path, port: int, log: Path,
+                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """The router as a real process (to be killed), with the test tokens and `env`."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen([*ROUTER, "run", "--config", str(config), "--port", str(port)],
+                                cwd=ROOT, env={**os.environ, **environ(), **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def until_up(session: aiohttp.ClientSession, base: str, within_s: float = 15) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(f"{base}/healthz") as resp:
+                if resp.status == 200:
+                    return
+        await asyncio.sleep(0.05)
+    raise AssertionError("router did not come up")
+
+
+async def healthy_telemetry(port: int, forces: list[str], stop: asyncio.Event) -> None:
+    """Partners' ACDs reporting in: plenty of handlers free."""
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        while not stop.is_set():
+            for force in forces:
+                await client.publish(f"overflow/centres/{force}/telemetry", json.dumps({
+                    "ts": time.time(), "telephony_up": True, "cad_up": True,
+                    "calls_waiting": 0, "handlers_available": 20, "handlers_on_duty": 40,
+                    "oldest_wait_s": 0}))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)

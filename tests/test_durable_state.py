@@ -10,67 +10,35 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
-import aiomqtt
 import asyncpg
 import pytest
 import yaml
 from conftest import Broker, free_port, need
 from handoff_support import incident, wait_for
-from service_support import MANAGER, TOKENS, environ, make_config, running_service
+from service_support import (
+    MANAGER,
+    TOKENS,
+    healthy_telemetry,
+    make_config,
+    router_process,
+    running_service,
+    until_up,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-ROUTER = [str(Path(sys.executable).parent / "overflow-router")]
 MET_DOWN = {"state": "down", "reason": "CAD and phones failed"}
 
 
 def headers(role: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[role]}"}
-
-
-@contextlib.contextmanager
-def router_process(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen([*ROUTER, "run", "--config", str(config), "--port", str(port)],
-                                cwd=ROOT, env={**os.environ, **environ()}, stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-async def until_up(session: aiohttp.ClientSession, base: str, within_s: float = 15) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(f"{base}/healthz") as resp:
-                if resp.status == 200:
-                    return
-        await asyncio.sleep(0.05)
-    raise AssertionError("router did not come up")
-
-
-async def healthy_telemetry(port: int, forces: list[str], stop: asyncio.Event) -> None:
-    """Partners' ACDs reporting in: plenty of handlers free."""
-    async with aiomqtt.Client("127.0.0.1", port) as client:
-        while not stop.is_set():
-            for force in forces:
-                await client.publish(f"overflow/centres/{force}/telemetry", json.dumps({
-                    "ts": time.time(), "telephony_up": True, "cad_up": True,
-                    "calls_waiting": 0, "handlers_available": 20, "handlers_on_duty": 40,
-                    "oldest_wait_s": 0}))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -182,9 +150,55 @@ class Cut:
         self.links -= {writer, up_writer}
 
 
-@pytest.fixture
-async def cut_pg(pg_dsn: str) -> AsyncIterator[tuple[Cut, str, str]]:
-    """(the proxy, the router's DSN through it, the direct DSN), the proxy cut to begin."""
+class Cluster:
+    """A private PostgreSQL cluster (initdb on a free port) that can be stopped hard
+    (`pg_ctl stop -m immediate`: the server gone as after a crash) and started again: the
+    database going away as it does in production, not just its connections."""
+
+    def __init__(self) -> None:
+        bindirs = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        need(bool(bindirs), "PostgreSQL's server binaries (initdb, pg_ctl)",
+             "postgresql")
+        self.bin = bindirs[-1].parent
+        # not under pytest's tmp_path (0700): the server runs as postgres when we are root
+        self.where = Path(tempfile.mkdtemp(prefix="overflow-pg-"))
+        self.where.chmod(0o777)
+        self.data = self.where / "pgdata"
+        self.port = free_port()
+        self.user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*self.user, str(self.bin / "initdb"), "-A", "trust", "-U", "postgres",
+                        "-D", str(self.data)], check=True, capture_output=True)
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    async def mend(self) -> None:
+        await asyncio.to_thread(subprocess.run, [
+            *self.user, str(self.bin / "pg_ctl"), "start", "-w", "-D", str(self.data),
+            "-l", str(self.data / "server.log"), "-o",
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"],
+            check=True, capture_output=True)
+
+    async def cut(self) -> None:
+        await asyncio.to_thread(subprocess.run, [
+            *self.user, str(self.bin / "pg_ctl"), "stop", "-m", "immediate", "-D",
+            str(self.data)], check=False, capture_output=True)
+
+
+@pytest.fixture(params=["proxy cut", "server stopped"])
+async def cut_pg(request: pytest.FixtureRequest,
+                 pg_dsn: str) -> AsyncIterator[tuple[Cut | Cluster, str, str]]:
+    """(the outage, the router's DSN, the direct DSN), the database away to begin: either a
+    TCP proxy to the shared PostgreSQL that is cut, or a private cluster that is stopped."""
+    if request.param == "server stopped":
+        cluster = Cluster()
+        try:
+            yield cluster, cluster.dsn, cluster.dsn
+        finally:
+            await cluster.cut()
+            shutil.rmtree(cluster.where, ignore_errors=True)
+        return
     head, _, rest = pg_dsn.partition("@")
     hostport, _, db = rest.partition("/")
     cut = Cut(int(hostport.rpartition(":")[2]))
@@ -195,7 +209,7 @@ async def cut_pg(pg_dsn: str) -> AsyncIterator[tuple[Cut, str, str]]:
 
 
 async def test_routing_goes_on_while_the_database_is_away_and_nothing_accepted_is_lost(
-        tmp_path: Path, cut_pg: tuple[Cut, str, str]) -> None:
+        tmp_path: Path, cut_pg: tuple[Cut | Cluster, str, str]) -> None:
     cut, dsn, direct = cut_pg
     path = make_config(tmp_path)
     raw = yaml.safe_load(path.read_text())
@@ -232,10 +246,10 @@ async def test_routing_goes_on_while_the_database_is_away_and_nothing_accepted_i
         await cut.mend()
         await wait_for(lambda: api.service.runtime.desk is not None, 40)
         n = 1
-        for phase_s, mended in ((5.0, True), (30.0, False), (5.0, True)):
+        for phase, (phase_s, mended) in enumerate(((5.0, True), (30.0, False), (5.0, True))):
             if not mended:
                 await cut.cut()
-            elif cut.server is None:
+            elif phase:
                 await cut.mend()
             ends = time.monotonic() + phase_s
             while time.monotonic() < ends:  # 10 routes and 2 handoffs a tick, bounded
@@ -295,7 +309,7 @@ async def test_a_full_disk_refuses_handoffs_with_503_and_routing_goes_on(
 
         assert await hand_over(0) == 202
         filler = small_disk / "filler"
-        with filler.open("wb") as out, contextlib.suppress(OSError):  # the rest of the disk
+        with contextlib.suppress(OSError), filler.open("wb") as out:  # the rest of the disk
             while True:
                 out.write(b"\0" * 65536)
         statuses = [await hand_over(n) for n in range(1, 200)]

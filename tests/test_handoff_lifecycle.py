@@ -332,3 +332,24 @@ async def test_a_ucri2_cad_transfers_acknowledges_and_completes_through_the_desk
             _, body = await api.call("GET", f"/v1/handoffs/{hid}", "view")
             assert body["acknowledgement"]["by"] == "PC 7 Brown"
             assert body["acknowledgement"]["answered_at"] == "2025-03-25T21:40:05.000Z"
+
+
+async def test_an_answer_given_to_another_router_stops_the_deadline_here(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """Two routers on one PostgreSQL: A delivered a P1 and watches its 2 s deadline for an
+    answer; the dispatcher's answer reaches B. A lets it go within a claims round, so nobody
+    escalates a handoff a person has taken."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with desk_at(make_config(tmp_path / "a", store=pg_dsn,
+                                   ack_deadlines_s={"P1": 2.0})) as a, \
+            desk_at(make_config(tmp_path / "b", store=pg_dsn,
+                                ack_deadlines_s={"P1": 2.0})) as b:
+        hid = await a.hand_over(1)
+        await a.delivered(hid)
+        status, body = await b.call("POST", f"/v1/handoffs/{hid}/acknowledgement", "met",
+                                    ACCEPT)
+        assert status == 200 and body["status"] == "acknowledged", body
+        await asyncio.sleep(3.0)  # past the deadline
+        assert await a.status(hid) == "acknowledged"
+    assert not [x for x in a.alerts + b.alerts if x.get("kind") == "handoff_escalated"]

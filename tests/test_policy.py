@@ -15,7 +15,7 @@ import pytest
 from configs.builder import config, force
 
 from router.config import RouterConfig, load_config
-from router.engine.ledger import Ledger
+from router.engine.ledger import Counts, Ledger
 from router.engine.model import CentreState, CentreView, Decision, Reason, Service, Snapshot
 from router.engine.policy import Policy
 
@@ -294,9 +294,9 @@ def test_101_shed_to_home_queue_or_announcement() -> None:
 def test_101_is_shed_while_999_still_finds_a_partner() -> None:
     partners = [r.to for r in BUNDLED.forces["met"].overflow[S101]]
     ledger = Ledger()
-    for fid in partners:  # every partner has only its 999 reserve left
-        aid = BUNDLED.forces[fid].mutual_aid
-        ledger.aid[fid] = aid.max_concurrent - aid.reserve_999
+    aids = {fid: BUNDLED.forces[fid].mutual_aid for fid in partners}
+    # other routers' calls: every partner has only its 999 reserve left
+    ledger.peers = Counts(aid={fid: a.max_concurrent - a.reserve_999 for fid, a in aids.items()})
     s = snap(BUNDLED, met=DOWN)
     policy = Policy(BUNDLED)
     assert policy.decide(S101, "met", s, ledger, 0.0).reason is Reason.SHED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from router.handoff.store import (
     HandoffStore,
     HistoryEntry,
+    Need,
     StatusChange,
     StoredHandoff,
     StoreError,
@@ -122,11 +124,61 @@ async def test_query_filters_and_unfinished(store: HandoffStore) -> None:
     assert [h.id for h in await store.query(status="accepted", to="essex")] == ["h00000",
                                                                                 "h00004"]
     assert len(await store.query(limit=2)) == 2
-    assert [h.id for h in await store.unfinished(0.0)] == ["h00000", "h00001", "h00003",
-                                                           "h00004", "h00005"]
-    # delivered before `awaiting_since`: no longer watched for an answer
-    assert [h.id for h in await store.unfinished(6.0)] == ["h00000", "h00003", "h00004",
-                                                           "h00005"]
+    # what needs a router: not final, not delivered, or delivered (P2 awaited) since the mark
+    await store.release()
+    assert [h.id for h in await store.claim(Need(0.0, ("P2",)), limit=10)] == [
+        "h00000", "h00001", "h00003", "h00004", "h00005"]
+    await store.release()
+    assert [h.id for h in await store.claim(Need(6.0, ("P2",)), limit=10)] == [
+        "h00000", "h00003", "h00004", "h00005"]  # delivered before the mark: no longer watched
+    await store.release()
+    assert [h.id for h in await store.claim(Need(0.0, ()), limit=10)] == [
+        "h00000", "h00003", "h00004", "h00005"]  # no deadline for an answer: nothing to watch
+
+
+async def test_claims_pass_to_another_router_when_a_lease_ends(store_url: str) -> None:
+    """Two routers on one store: what one accepted is its own while it renews; when it stops
+    renewing, the other takes it after the lease; a release hands it over at once."""
+    need = Need(0.0, ("P1",))
+    async with open_store(store_url) as a, open_store(store_url) as b:
+        a.owner, b.owner = "a", "b"
+        a.lease_s = b.lease_s = 0.5
+        for n in range(3):
+            await a.insert(handoff(n, priority="P1" if n == 2 else "P2"))
+        assert await b.claim(need, limit=10) == []
+        assert await a.renew(["h00000", "h00001", "h00002"], need) == {
+            "h00000", "h00001", "h00002"}
+        await asyncio.sleep(0.7)  # a stops renewing
+        taken = await b.claim(need, limit=10)
+        assert [h.id for h in taken] == ["h00002", "h00000", "h00001"]  # P1 first
+        assert await a.renew(["h00000", "h00001", "h00002"], need) == set()  # a lets go
+        await b.record(StatusChange("h00001", "failed", 2000.0))
+        assert await b.renew(["h00000", "h00001", "h00002"], need) == {"h00000", "h00002"}
+        await b.release()
+        assert {h.id for h in await a.claim(need, limit=10)} == {"h00000", "h00002"}
+        await a.insert(handoff(9))
+        a.owner = "a2"  # the same router restarted under a new name: its own wait a lease
+        assert await a.claim(need, limit=10, mine=True) == [] or store_url.startswith("sqlite")
+
+
+async def test_routers_claiming_at_once_never_share_a_handoff(store_url: str) -> None:
+    """Three routers claiming together (SKIP LOCKED on PostgreSQL): each handoff once."""
+    need = Need(0.0, ())
+    async with contextlib.AsyncExitStack() as stack:
+        seed = await stack.enter_async_context(open_store(store_url))
+        seed.lease_s = 0.0  # its claims end at once: every row is up for taking
+        await asyncio.gather(*(seed.insert(handoff(n)) for n in range(300)))
+        await asyncio.sleep(0.05)
+        stores = [await stack.enter_async_context(open_store(store_url)) for _ in range(3)]
+        for n, s in enumerate(stores):
+            s.owner = f"r{n}"
+        rounds = await asyncio.gather(*(s.claim(need, limit=60) for s in stores
+                                        for _ in range(3)))
+        ids = [h.id for taken in rounds for h in taken]
+        assert len(ids) == len(set(ids))
+        assert len(ids) == 300 if store_url.startswith("postgres") else len(ids) >= 180
+        rest = await stores[0].claim(need, limit=500)
+        assert len(ids) + len(rest) == 300
 
 
 async def test_concurrent_writes_are_group_committed(store: HandoffStore) -> None:

@@ -51,7 +51,7 @@ BOARD_COLUMNS = [
     ("calls waiting", "max by (force) (overflow_centre_calls_waiting)"),
     ("oldest wait", "max by (force) (overflow_centre_oldest_wait_seconds)"),
     ("handlers", 'max by (force) (overflow_centre_capacity{limit="handlers_on_duty"})'),
-    ("aid in flight", "sum by (force) (overflow_aid_in_flight)"),
+    ("aid in flight", "max by (force) (overflow_aid_in_flight)"),  # each router gives the sum
     ("aid headroom 999", 'min by (force) (overflow_aid_headroom{service="999"})'),
     ("declared", "max by (force) (overflow_override_active)"),
     ("declared for", "max by (force) (overflow_override_age_seconds)"),
@@ -149,7 +149,7 @@ def build() -> dict[str, Any]:
                            ("max by (force) (overflow_centre_oldest_wait_seconds)",
                             "{{force}}")))
         .with_panel(series("Mutual aid in use (share of the 999 cap)", "percentunit",
-                           ('sum by (force) (overflow_aid_in_flight) / on (force) '
+                           ('max by (force) (overflow_aid_in_flight) / on (force) '
                             '(max by (force) (overflow_aid_cap{service="999"}) > 0)',
                             "{{force}}")))
         .with_panel(series("Mutual-aid headroom", "short",

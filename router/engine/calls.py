@@ -35,6 +35,10 @@ class CallDesk:
         self._records: dict[str, DecisionRecord] = {}
         self._boot = uuid.uuid4().hex[:8]
         self._seq = 0
+        # told each end telephony reports here, so other routers free the call if they hold
+        # it (router.watch.peers): the end may reach a router that did not route the call, or
+        # two routers may hold it (Kamailio asked the second when the first was slow)
+        self.on_end: Callable[[str], None] | None = None
 
     def reconfigure(self, config: RouterConfig) -> None:
         """Swap the rules; calls in flight stay counted against the forces carrying them."""
@@ -71,9 +75,12 @@ class CallDesk:
         """Free a call's capacity; ending an unknown or ended call is a harmless no-op."""
         return self.finish(call_id) is not None
 
-    def finish(self, call_id: str) -> str | None:
+    def finish(self, call_id: str, *, passed_on: bool = False) -> str | None:
         """End a call and say which centre it was sent to (None if unknown or already ended),
-        so how it ended there can be counted against that centre once."""
+        so how it ended there can be counted against that centre once. Told to `on_end`
+        unless another router passed it on."""
+        if self.on_end is not None and not passed_on:
+            self.on_end(call_id)
         call = self.ledger.end(call_id)
         if call is None:
             return None
@@ -114,7 +121,10 @@ class CallDesk:
                 for origin in self.policy.config.forces}
 
     def load(self, force: str) -> dict[str, int]:
-        """Calls a force carries now, and how many of them are mutual aid."""
+        """Calls a force carries now, and how many of them are mutual aid: routed by this
+        router or, as they last said, by the others (router.watch.peers)."""
         ledger = self.ledger
-        return {"in_flight": ledger.in_flight.get(force, 0), "aid": ledger.aid.get(force, 0),
-                **{f"in_flight_{s.value}": ledger.by_service.get((force, s), 0) for s in Service}}
+        return {"in_flight": ledger.total_in_flight.get(force, 0),
+                "aid": ledger.total_aid.get(force, 0),
+                **{f"in_flight_{s.value}": ledger.total_by_service.get((force, s), 0)
+                   for s in Service}}

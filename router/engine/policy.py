@@ -125,7 +125,7 @@ class Policy:
                 if not self.rules.reachable(snapshot.get(fid)):
                     continue
                 force = self._forces[fid]
-                load = ledger.in_flight.get(fid, 0) / max(force.capacity, 1)
+                load = ledger.total_in_flight.get(fid, 0) / max(force.capacity, 1)
                 if best is None or load < best_load:
                     best, best_load = force, load
             if best is not None:

@@ -138,9 +138,9 @@ class Rules:
         return made
 
     def queue(self, force: ForceRules, view: CentreView, ledger: Ledger) -> int:
-        """Calls waiting: the larger of our own count and the centre's telemetry, since each can
-        lag the other (the router does not see every call; telemetry arrives every few seconds)."""
-        queue = ledger.in_flight.get(force.id, 0) - force.handlers
+        """Calls waiting: the larger of the routers' count and the centre's telemetry, since each
+        can lag the other (routers do not see every call; telemetry comes every few seconds)."""
+        queue = ledger.total_in_flight.get(force.id, 0) - force.handlers
         waiting = view.calls_waiting
         return waiting if waiting is not None and waiting > queue else queue
 
@@ -189,10 +189,10 @@ class Rules:
         if view.state is not _NORMAL or not view.telephony_up or not view.cad_up:
             return False
         force = self.forces[route.to]
-        if ledger.aid.get(route.to, 0) >= force.aid_cap[service]:
+        if ledger.total_aid.get(route.to, 0) >= force.aid_cap[service]:
             return False
         cap = route.route_cap
-        if cap is not None and ledger.aid_from.get((route.to, origin), 0) >= cap:
+        if cap is not None and ledger.total_aid_from.get((route.to, origin), 0) >= cap:
             return False
         return self.queue(force, view, ledger) < force.aid_queue_below
 
@@ -209,7 +209,7 @@ class Rules:
 
     def headroom(self, force: str, ledger: Ledger) -> dict[Service, int]:
         """Calls a force could still take for others, per service."""
-        aid = ledger.aid.get(force, 0)
+        aid = ledger.total_aid.get(force, 0)
         return {s: max(cap - aid, 0) for s, cap in self.forces[force].aid_cap.items()}
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from tenacity import (
@@ -89,6 +89,10 @@ class Courier:
         self.idle.set()
         self.removed = False  # its force left the config: finish what it holds, take nothing new
         self.staffed = False  # its `run` has been started
+        self.closing = False  # the desk is stopping: start no delivery
+        self.in_flight = 0  # deliveries started and not yet recorded
+        self.quiet = asyncio.Event()  # set while in_flight == 0
+        self.quiet.set()
 
     def configure(self, settings: Handoff) -> None:
         """New retry plan and limit; deliveries in flight finish on the plan they started."""
@@ -151,6 +155,8 @@ class Courier:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             while True:
+                if self.closing:
+                    await asyncio.Future()  # until cancelled: see `quiesce`
                 next_due = self._due()
                 if not self.queue:
                     if self.removed and not self.unfinished:
@@ -184,6 +190,8 @@ class Courier:
         """One handoff to its CAD, retried. The slot is freed as soon as the CAD has answered:
         the bound protects the CAD, and our own commit need not hold it."""
         released = False
+        self.in_flight += 1
+        self.quiet.clear()
 
         def release() -> None:
             nonlocal released
@@ -244,6 +252,9 @@ class Courier:
                 self.push(item)
         finally:
             release()
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.quiet.set()
 
     async def _defer(self, item: Live, why: str) -> None:
         item.deferrals += 1
@@ -291,3 +302,19 @@ class Courier:
         metrics.HANDOFF_DELIVERY_SECONDS.labels(self.force).observe(max(now - item.accepted_at,
                                                                          0.0))
         self.finish(item)
+
+
+async def quiesce(couriers: Iterable[Courier], within_s: float) -> None:
+    """Start no more deliveries, and give those in flight `within_s` to finish and be recorded:
+    a router stopping cleanly then hands over (releases) no handoff a CAD has already taken,
+    so another router does not send it again. Not `asyncio.timeout`: the caller may itself be
+    being cancelled (a stop), and this must still end on time."""
+    couriers = list(couriers)
+    for courier in couriers:
+        courier.closing = True
+        courier.wake.set()
+    waits = [asyncio.ensure_future(c.quiet.wait()) for c in couriers if not c.quiet.is_set()]
+    if waits:
+        _, pending = await asyncio.wait(waits, timeout=within_s)
+        for wait in pending:
+            wait.cancel()

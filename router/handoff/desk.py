@@ -26,9 +26,12 @@ folder and CAD adapters while handoffs are in flight: a replaced adapter is clos
 deliveries using it have finished, and a force removed from the config keeps its destination
 until everything it holds is finished, so nothing accepted is lost.
 
-Status history is recorded with every change (`store`). After a restart the desk resumes every
-unfinished handoff from the store; one interrupted mid-delivery is delivered again with the
-same key, which is what makes "exactly once" hold at the CAD.
+Status history is recorded with every change (`store`). The store is also the queue: each
+unfinished handoff is claimed by one router (`claims`), which delivers it and watches its
+deadlines; a router that stops renewing its claims (killed, or cut off) has them taken by
+another within seconds, and at start a router takes what nobody holds. One interrupted
+mid-delivery is delivered again with the same key, which is what makes "exactly once" hold
+at the CAD.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from adapters.base import Adapter, Answer, AnswerRefused, AnswerSink
@@ -46,7 +48,8 @@ from router.config import Handoff, RouterConfig
 from router.handoff.answering import Answering
 from router.handoff.answers import ANSWERED, next_partner, since_offer
 from router.handoff.cads import CadLease, Cads, build_adapters, spec_of
-from router.handoff.delivery import Courier
+from router.handoff.claims import Claims
+from router.handoff.delivery import Courier, quiesce
 from router.handoff.escalation import Alert, Escalator, Waiting
 from router.handoff.incident import (
     HandoffConflict,
@@ -61,10 +64,12 @@ from router.handoff.notices import Notices, Notify, status_message
 from router.handoff.store import (
     HandoffStore,
     HistoryEntry,
+    Need,
     StoredHandoff,
     open_store,
 )
 from router.infra import metrics
+from router.infra.instance import instance_name
 from router.infra.timefmt import iso
 
 log = logging.getLogger(__name__)
@@ -72,6 +77,8 @@ log = logging.getLogger(__name__)
 CadUp = Callable[[str], bool]
 
 AWAIT_RESUME_S = 86_400.0  # a restart resumes watching answers for handoffs delivered since
+RELEASE_S = 1.0  # at a clean stop, for claims to be given up
+QUIESCE_S = 2.5  # at a clean stop, for deliveries in flight to finish and be recorded
 
 
 def handoff_json(h: StoredHandoff) -> dict[str, Any]:
@@ -127,11 +134,9 @@ class HandoffDesk:
                                     next_to=self._next_to, track=self._track)
         self._escalator = Escalator(settings, self._journal, self._live,
                                     self._answering.awaiting, alert=alert, clock=clock)
+        self._claims = Claims(store, lambda: Need(self.clock() - AWAIT_RESUME_S, tuple(map(
+            str, self.settings.ack_deadlines_s))), adopt=self._adopt, let_go=self._let_go)
         self._reconfigured = asyncio.Event()  # `run` has workers to start or adapters to close
-
-    @property
-    def spool_dir(self) -> Path:
-        return Path(self.settings.spool_dir)
 
     def _add(self, force: str, cad: CadLease) -> None:
         self._couriers[force] = Courier(force, self._cads.add(cad), self.settings,
@@ -256,8 +261,7 @@ class HandoffDesk:
             self._escalator.watch(item, "acknowledgement")
 
     async def get(self, hid: str) -> dict[str, Any] | None:
-        found = await self.store.get(hid)
-        return handoff_json(found) if found else None
+        return handoff_json(found) if (found := await self.store.get(hid)) else None
 
     async def query(self, *, status: Status | None = None, to: str | None = None,
                     limit: int = 100) -> list[dict[str, Any]]:
@@ -270,46 +274,47 @@ class HandoffDesk:
 
     async def drained(self, force: str) -> None:
         """Return once nothing is left to deliver to `force` (for tests and benchmarks)."""
-        courier = self._couriers.get(force)
-        if courier is not None:
+        if (courier := self._couriers.get(force)) is not None:
             await courier.idle.wait()
 
     def cad_state_changed(self, force: str, up: bool) -> None:
         """The health watcher's word: a CAD back up ends any hold at once."""
-        courier = self._couriers.get(force)
-        if courier is None:
-            return
-        courier.breaker.cad_state_changed(up)
-        courier.wake.set()
+        if (courier := self._couriers.get(force)) is not None:
+            courier.breaker.cad_state_changed(up)
+            courier.wake.set()
+
+    async def quiesce(self, within_s: float) -> None:
+        """Stopping: deliveries in flight finish and are recorded, no new one starts."""
+        await quiesce(self._couriers.values(), within_s)
 
     # -- running --------------------------------------------------------------------------------
 
     async def resume(self) -> int:
-        """Load every unfinished handoff from the store (after a restart), and those delivered
-        within a day still awaiting a dispatcher; returns how many."""
-        rows = await self.store.unfinished(self.clock() - AWAIT_RESUME_S)
+        """Claim every unfinished handoff no other router holds, this router's own from
+        before a restart included, and those delivered within a day still awaiting a
+        dispatcher; returns how many."""
+        return await self._claims.start()
+
+    async def _adopt(self, rows: list[StoredHandoff]) -> None:
+        """Take on handoffs claimed from the store: deliver, watch, replay a lost sheet."""
         for h in rows:
             if h.escalated_at is not None and h.status == Status.ESCALATED:
                 waiting: Waiting = "delivery" if h.delivered_at is None else "acknowledgement"
-                await self._escalator.replay(Live(
-                    h.id, h.to_force, h.priority, h.accepted_at, h.incident,
-                    Status(h.status), h.attempts, True, h.reason), waiting, h.escalated_at)
+                await self._escalator.replay(Live.of(h, escalated=True), waiting,
+                                             h.escalated_at)
             if h.delivered_at is not None:  # delivered: awaits an answer, nothing to deliver
-                self._await_answer(Live(h.id, h.to_force, h.priority, h.accepted_at,
-                                        h.incident, Status(h.status), h.attempts,
-                                        h.status == Status.ESCALATED,
-                                        delivered_at=h.delivered_at))
-                continue
-            if h.to_force not in self._couriers:
+                self._await_answer(Live.of(h, escalated=h.status == Status.ESCALATED))
+            elif h.to_force not in self._couriers:
                 log.error("handoff %s is for %r, no longer configured; left as is", h.id,
                           h.to_force)
-                continue
-            self._track(Live(h.id, h.to_force, h.priority, h.accepted_at, h.incident,
-                             Status(h.status), h.attempts, h.escalated_at is not None,
-                             h.reason))
-        if rows:
-            log.info("resumed %d unfinished handoffs", len(rows))
-        return len(rows)
+            else:
+                self._track(Live.of(h, escalated=h.escalated_at is not None))
+
+    def _let_go(self, hid: str) -> None:
+        """Another router holds `hid` now, or it needs none: stop delivering and watching it
+        here (a delivery in flight ends; the CAD knows it by its key)."""
+        self._drop(hid)
+        self._answering.awaiting.pop(hid, None)
 
     async def run(self) -> None:
         """The escalator and a courier per destination; after each reload, the couriers of
@@ -317,6 +322,7 @@ class HandoffDesk:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._escalator.run(), name="handoff-escalator")
             tg.create_task(self._notices.run(), name="handoff-notices")
+            tg.create_task(self._claims.run(), name="handoff-claims")
             while True:
                 self._reconfigured.clear()
                 for courier in self._couriers.values():
@@ -343,6 +349,7 @@ class HandoffDesk:
                  courier.force)
 
     def _track(self, item: Live) -> None:
+        self._claims.hold(item.id)
         self._live[item.id] = item
         self._couriers[item.to].take(item)
         self._escalator.watch(item)
@@ -353,10 +360,11 @@ class HandoffDesk:
 
 @contextlib.asynccontextmanager
 async def open_desk(config: RouterConfig, *, alert: Alert, cad_up: CadUp,
-                    clock: Callable[[], float] = time.time,
-                    notify: Notify | None = None) -> AsyncIterator[HandoffDesk]:
-    """Open the store and adapters, resume unfinished handoffs, run the workers; on exit
-    (normal, error or cancellation) stop the workers, then commit and close everything."""
+                    clock: Callable[[], float] = time.time, notify: Notify | None = None,
+                    owner: str | None = None) -> AsyncIterator[HandoffDesk]:
+    """Open the store and adapters, claim unfinished handoffs as `owner` (this router's name
+    among those sharing the store), run the workers; on exit (normal, error or cancellation)
+    stop the workers, give up the claims, then commit and close everything."""
     opened: list[HandoffDesk] = []  # adapters are built before the desk they answer to
 
     def answer_for(force: str) -> AnswerSink:
@@ -373,6 +381,7 @@ async def open_desk(config: RouterConfig, *, alert: Alert, cad_up: CadUp,
             for adapter in built.values():
                 until_owned.push_async_callback(adapter.aclose)
             store = await stack.enter_async_context(open_store(config.handoff.store))
+            store.owner = owner or instance_name()
             desk = HandoffDesk(config.handoff, store, built, alert=alert, cad_up=cad_up,
                                clock=clock, built_from=config, notify=notify,
                                answer_for=answer_for)
@@ -380,9 +389,17 @@ async def open_desk(config: RouterConfig, *, alert: Alert, cad_up: CadUp,
             stack.push_async_callback(desk.aclose)  # the desk owns the adapters from here
             until_owned.pop_all()
         await desk.resume()
-        async with asyncio.TaskGroup() as tg:
-            runner = tg.create_task(desk.run(), name="handoff-desk")
-            try:
-                yield desk
-            finally:
-                runner.cancel()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                runner = tg.create_task(desk.run(), name="handoff-desk")
+                try:
+                    yield desk
+                finally:
+                    await desk.quiesce(QUIESCE_S)
+                    runner.cancel()
+        finally:  # others take them at once, not a lease later
+            try:  # wait_for, not timeout: this may run in a task being cancelled
+                await asyncio.wait_for(store.release(), RELEASE_S)
+            except Exception as exc:
+                log.warning("handoff claims not released (%s): they expire in %.0f s", exc,
+                            store.lease_s)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.handoff.incident import RANK, Status
-from router.handoff.store import HandoffStore, HistoryEntry, StatusChange
+from router.handoff.store import HandoffStore, HistoryEntry, StatusChange, StoredHandoff
 from router.infra import metrics
 
 MAX_IDLE_S = 1.0  # an idle loop re-checks the world at least this often
@@ -33,6 +33,12 @@ class Live:
     delivered_at: float | None = None  # then it awaits a dispatcher's answer
     deferrals: int = 0  # times the CAD could not take it (it alone) and it was put back
     not_before: float = 0.0  # a deferred handoff waits until then
+
+    @classmethod
+    def of(cls, h: StoredHandoff, *, escalated: bool) -> Live:
+        """A stored handoff taken on (claimed) by this router."""
+        return cls(h.id, h.to_force, h.priority, h.accepted_at, h.incident, Status(h.status),
+                   h.attempts, escalated, h.reason, delivered_at=h.delivered_at)
 
     @property
     def sender(self) -> str:

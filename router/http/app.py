@@ -2,7 +2,9 @@
 
 One asyncio process. Each long-lived part is an aiohttp cleanup context, opened in order as
 the app starts and closed in reverse after it stops: the audit log, the MQTT link, the
-handoff desk, the health watcher, call expiry, the publisher (MQTT state and routing, alerts).
+handoff desk, the health watcher, call expiry, the publisher (MQTT state and routing, alerts)
+and the leader's lease that lets it publish; last, the calls in flight shared with other
+routers (closed first: its final word goes out while the link is up).
 So shutdown stops accepting requests, lets in-flight ones finish, cancels the background
 tasks, and only then closes the desk and the audit log that the requests and tasks were
 writing to.
@@ -32,15 +34,19 @@ from router.http.auth import TOKENS, TokenBook
 from router.http.errors import MAX_BODY_BYTES, errors_middleware
 from router.http.server import RouterRunner
 from router.http.state import RUNTIME
+from router.http.telling import Telling
 from router.http.tls import listener_context
 from router.infra.audit import AuditLog
 from router.infra.clock import steady_wall
+from router.infra.instance import instance_name
+from router.infra.leader import Leadership
 from router.infra.memory import memory_for
 from router.infra.mqtt_link import MqttLink
 from router.infra.supervise import keep_running
 from router.runtime import Runtime
 from router.watch.exporter import StateMetrics
 from router.watch.keeper import Keeper
+from router.watch.peers import Peers
 from router.watch.publisher import Publisher
 from router.watch.watcher import Watcher
 
@@ -50,7 +56,6 @@ EXPIRY_INTERVAL_S = 1.0  # often, so each sweep is small
 SHUTDOWN_TIMEOUT_S = 5.0  # for requests in flight, then for each background task to end
 DESK_READY_S = 5.0  # at start, for the handoff store to open; then it serves anyway
 KEEPER_READY_S = 3.0  # at start, for declarations to be read back; then it serves anyway
-ANSWERS = frozenset({"acknowledged", "rejected", "offered", "completed"})  # people's words
 
 
 def build_app(runtime: Runtime, tokens: TokenBook) -> web.Application:
@@ -76,16 +81,26 @@ class RouterApp:
         self.watcher = Watcher(config, mqtt=self.mqtt, audit=self.audit)
         self.keeper = Keeper(self.watcher, memory_for(config.handoff.store))
         self.calls = CallDesk(config)
-        self.publisher = Publisher(config, watcher=self.watcher, calls=self.calls, mqtt=self.mqtt)
+        self.instance = instance_name(self.environ)
+        self.leadership = Leadership(config.handoff.store, self.instance)
+        # quiet until the lease says it leads (at once, for a router alone)
+        self.publisher = Publisher(config, watcher=self.watcher, calls=self.calls, mqtt=self.mqtt,
+                                   leading=False)
+        self.leadership.on_change(self.publisher.lead)
         self.state_metrics = StateMetrics(self.watcher, self.calls)
         self.tokens = TokenBook(config.service.tokens, self.environ)
         self.runtime = Runtime(config, config_path, self.calls, self.watcher, self.tokens,
                                self.environ, mqtt=self.mqtt, audit=self.audit,
-                               publisher=self.publisher, keeper=self.keeper)
+                               publisher=self.publisher, keeper=self.keeper,
+                               instance=self.instance, leadership=self.leadership)
         self.app = build_app(self.runtime, self.tokens)
         self.app.cleanup_ctx.extend([  # opened in this order, closed in reverse
             self._audit_log, self._mqtt_link, self._keeper, self._handoff_desk, self._watcher,
-            self._call_expiry, self._publisher, self._live_events])
+            self._call_expiry, self._publisher, self._leader, self._live_events])
+        # other routers' calls in flight, counted in; subscribed before the link connects
+        self.peers = Peers(self.calls, self.mqtt, self.instance) if self.mqtt is not None \
+            else None
+        self.app.cleanup_ctx.append(self._peer_counts)
         self.events = self.app[events.EVENTS]
         # dashboards' streams end first, so the shutdown timeout never waits on them
         self.app.on_shutdown.append(self.events.on_shutdown)
@@ -93,40 +108,10 @@ class RouterApp:
         self._failed: BaseException | None = None  # the first background task that crashed
         self._halt = asyncio.Event()  # set when one has: the service stops, and run() raises
         self._desk_ready = asyncio.Event()  # the handoff desk opened once
+        self.telling = Telling(audit=self.audit, mqtt=self.mqtt, alerter=self.publisher.alerter,
+                               on_alert=self.events.on_alert, on_step=self.events.on_handoff)
         # in-process listeners to every handoff step a sender is told of (the demo)
-        self.status_listeners: list[Callable[[dict[str, Any]], None]] = [self.events.on_handoff]
-
-    def publish_alert(self, alert: dict[str, Any]) -> None:
-        """The handoff desk's alerts: on MQTT, and escalations into the audit chain too."""
-        if alert.get("kind") == "handoff_escalated":
-            what = ("not delivered" if alert.get("waiting_for") != "acknowledgement"
-                    else "not answered by a dispatcher")
-            self.audit.event("escalation", force=alert.get("to"), source="handoff desk",
-                             reason=f"{alert.get('priority')} handoff {alert.get('handoff_id')} "
-                                    f"{what} within {alert.get('deadline_s')} s",
-                             alert=alert)
-        if self.mqtt is not None:
-            self.mqtt.publish("alerts", alert)
-        self.events.on_alert(alert)
-
-    def tell_sender(self, message: dict[str, Any]) -> None:
-        """A handoff's step, to its sender: MQTT `handoffs/{from}/status` (QoS 1) and its
-        `notify_url`; what people answered goes into the audit chain."""
-        sender = str(message.get("from"))
-        for listener in self.status_listeners:
-            listener(message)
-        if self.mqtt is not None:
-            self.mqtt.publish(f"handoffs/{sender}/status", message, qos=1)
-        self.publisher.alerter.post(sender, message)
-        status = message.get("status")
-        if status in ANSWERS or status == "on_paper":  # what people said (a manager: on paper)
-            paper = status == "on_paper"
-            self.audit.event("paper" if paper else "answer", force=message.get("to"),
-                             source=f"manager:{message.get('by')}" if paper
-                             else f"partner:{message.get('to')}",
-                             reason=str(message.get("note" if paper else "detail", status)),
-                             handoff_id=message.get("handoff_id"), status=status,
-                             by=message.get("by"))
+        self.status_listeners = self.telling.status_listeners
 
     async def run(self, host: str, port: int, stop: asyncio.Event,
                   started: Callable[[int], Awaitable[None] | None] | None = None) -> None:
@@ -185,9 +170,9 @@ class RouterApp:
         returns only by failing (the supervisor opens it again)."""
         opened_with = self.runtime.config
         # deadlines as differences of stored epoch times: on a clock an NTP step cannot move
-        async with open_desk(opened_with, alert=self.publish_alert, notify=self.tell_sender,
+        async with open_desk(opened_with, alert=self.telling.alert, notify=self.telling.tell_sender,
                              cad_up=lambda force: self.watcher.snapshot.get(force).cad_up,
-                             clock=steady_wall) as desk:
+                             clock=steady_wall, owner=self.instance) as desk:
             self.runtime.desk = desk
             self._desk_ready.set()
             if self.runtime.config is not opened_with:  # reloaded while the desk opened
@@ -227,6 +212,23 @@ class RouterApp:
                 yield
         finally:
             self.publisher.close()
+
+    async def _leader(self, app: web.Application) -> AsyncIterator[None]:
+        """The leader's lease: whether this router publishes (router/infra/leader.py)."""
+        async with self._background(self.leadership.run, "leader"):
+            yield
+
+    async def _peer_counts(self, app: web.Application) -> AsyncIterator[None]:
+        """Mutual-aid caps across routers: this one's calls in flight told, the others' counted
+        in (router/watch/peers.py)."""
+        if self.peers is None:
+            yield
+            return
+        try:
+            async with self._background(self.peers.run, "peers"):
+                yield
+        finally:
+            await self.peers.close()
 
     async def _live_events(self, app: web.Application) -> AsyncIterator[None]:
         """Dashboards' live updates (router.http.events): every new snapshot marks the board

@@ -177,7 +177,7 @@ class PaperRequest(BaseModel):
 @require("manager")
 async def post_paper(request: web.Request) -> web.Response:
     """Handled on paper: final, so no more delivery attempts or escalations; the sender is
-    told and the audit chain records who and why (RouterApp.tell_sender)."""
+    told and the audit chain records who and why (router.http.telling)."""
     hid = _answered_id(request)
     body = await read_json(request, PaperRequest)
     who = body.operator or request[PRINCIPAL].operator

@@ -65,6 +65,10 @@ class Readiness(TypedDict):  # the OpenAPI schema is derived from it
         description="per dependency: `ok`, or what is wrong (config, handoff_store)")]
     no_evidence_yet: Annotated[list[str], Field(
         description="centres with no evidence yet: informational, never makes it unready")]
+    instance: Annotated[str, Field(description="this router's name among several "
+                                               "(`OVERFLOW_INSTANCE`)")]
+    leader: Annotated[bool, Field(description="whether it leads them now: it alone "
+                                              "publishes retained MQTT state and alerts")]
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -80,7 +84,9 @@ async def readyz(request: web.Request) -> web.Response:
     ready = all(v in ("ok", "not used") for v in checks.values())
     return web.json_response(
         Readiness(status="ready" if ready else "not_ready", checks=checks,
-                  no_evidence_yet=unknown), status=200 if ready else 503)
+                  no_evidence_yet=unknown, instance=rt.instance,
+                  leader=rt.leadership is None or rt.leadership.leading),
+        status=200 if ready else 503)
 
 
 async def _store_check(desk: HandoffDesk | None) -> str:

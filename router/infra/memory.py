@@ -215,6 +215,8 @@ class PostgresMemory(Memory):
         self._heard(key)  # our own writes too: applying what is already so changes nothing
 
     def _lost(self, conn: Any) -> None:
+        if conn is not self._listener:  # closed by us
+            return
         log.error("operational state: the LISTEN connection is gone; other routers' "
                   "declarations are read again once it is back")
         self.available = False

@@ -65,7 +65,7 @@ DECISION_SECONDS = Histogram(
     buckets=(2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3),
 )
 CALLS_IN_FLIGHT = Gauge(
-    "overflow_calls_in_flight", "Calls a centre carries that the router routed", ["force"]
+    "overflow_calls_in_flight", "Calls a centre carries that this router routed", ["force"]
 )
 CALLS_EXPIRED = Counter(
     "overflow_calls_expired_total", "Calls freed because no end was reported in time", ["force"]
@@ -113,6 +113,26 @@ HANDOFF_OUTCOMES = Counter(
 HANDOFF_DEFERRALS = Counter(
     "overflow_handoff_deferrals_total", "Handoffs a CAD answered but could not take, put aside "
     "alone with a backoff", ["destination"]
+)
+HANDOFF_CLAIMS = Gauge(
+    "overflow_handoff_claims_held", "Unfinished handoffs this router holds the claim of"
+)
+HANDOFF_TAKEN = Counter(
+    "overflow_handoff_claims_taken_total", "Handoffs this router claimed that it had not "
+    "accepted itself: at start, or from a router that stopped renewing its claims"
+)
+LEADER = Gauge(
+    "overflow_leader", "1 on the router holding the leader's lease (it alone publishes the "
+    "retained MQTT state and diversion alerts)"
+)
+PEER_INSTANCES = Gauge(
+    "overflow_peer_instances", "Other routers whose calls in flight this one counts in: live "
+    "(heard within 3 s) or silent (gone or cut off, their calls counted down)", ["state"]
+)
+PEER_AID_IN_FLIGHT = Gauge(
+    "overflow_peer_aid_in_flight", "Calls a force answers for other forces that other routers "
+    "routed, as they last said (a silent one's counted down), and this one's before a restart",
+    ["force"]
 )
 TASK_RESTARTS = Counter(
     "overflow_task_restarts_total", "Long-lived parts of the service restarted after failing",
@@ -178,8 +198,8 @@ CENTRE_CAPACITY = BoardGauge(
     "which it overflows while overloaded, the queue past which it overflows at all",
     ("force", "limit"))
 CALLS_IN_FLIGHT_BY_SERVICE = BoardGauge(
-    "overflow_centre_calls_in_flight", "Calls a centre carries that the router routed, by "
-    "service", ("force", "service"))
+    "overflow_centre_calls_in_flight", "Calls a centre carries that the routers routed (this "
+    "one's and, as they last said, the others'), by service", ("force", "service"))
 CALLS_WAITING = BoardGauge(
     "overflow_centre_calls_waiting", "Calls waiting in a centre's queue, as the policy counts "
     "them (the larger of its own count and fresh telemetry)", ("force",))

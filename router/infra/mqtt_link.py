@@ -115,12 +115,14 @@ class MqttLink:
         """Told True on each connection and False on each loss."""
         return self._listeners.add(listener)
 
-    def publish(self, topic: str, payload: Mapping[str, Any], *, retain: bool = False,
+    def publish(self, topic: str, payload: Mapping[str, Any] | None, *, retain: bool = False,
                 qos: int = 0) -> None:
-        """Queue a JSON message; sent as soon as the broker is reachable."""
+        """Queue a JSON message; sent as soon as the broker is reachable. `None` sends an empty
+        payload: retained, it clears the topic's retained message."""
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
-        self._queue.append(_Outgoing(topic, json.dumps(payload).encode(), qos, retain))
+        body = b"" if payload is None else json.dumps(payload).encode()
+        self._queue.append(_Outgoing(topic, body, qos, retain))
         self._wake.set()
 
     @property

@@ -35,6 +35,10 @@ POST_TIMEOUT_S = 2.0
 POST_ATTEMPTS = 3
 MAX_PENDING = 1000
 MAX_CONCURRENT_POSTS = 8
+# a router that is not the leader keeps the alerts it would have raised this long: taking over
+# (router/infra/leader.py: within 4 s of the leader's death), it sends those the dead leader
+# may not have, so a diversion starting in the gap is still told (perhaps twice)
+TAKEOVER_WINDOW_S = 10.0
 
 
 class Alerter:
@@ -47,6 +51,18 @@ class Alerter:
         self._outbox: deque[tuple[str, str, dict[str, Any]]] = deque(maxlen=MAX_PENDING)
         self._wake = asyncio.Event()
         self.sent: list[dict[str, Any]] = []  # recent alerts, newest last (for status pages)
+        self.speaking = True  # False while another router leads: it tells partners
+        self._quiet: deque[tuple[float, dict[str, Any]]] = deque(maxlen=MAX_PENDING)
+
+    def speak(self, speaking: bool) -> None:
+        """This router leads now (or no longer); taking over, it sends what it kept quiet."""
+        self.speaking = speaking
+        if speaking:
+            recent = self._wall() - TAKEOVER_WINDOW_S
+            for at, alert in self._quiet:
+                if at >= recent:
+                    self._send(alert)
+        self._quiet.clear()
 
     def observe(self, diversions: Mapping[str, HomeShare], snapshot: Snapshot) -> None:
         """Raise started/changed/stopped alerts from the policy's own answer. Never awaits."""
@@ -80,9 +96,15 @@ class Alerter:
         log.warning("diversion %s for %s: %s", event, origin,
                     alert["reason"] or alert["previous_reason"])
         self.sent = [*self.sent[-49:], alert]
+        if self.speaking:
+            self._send(alert)
+        else:
+            self._quiet.append((self._wall(), alert))
+
+    def _send(self, alert: dict[str, Any]) -> None:
         if self._mqtt is not None:
             self._mqtt.publish("alerts", alert)
-        for partner in partners:
+        for partner in alert["partners"]:
             self.post(partner, alert)
 
     def post(self, force: str, message: dict[str, Any]) -> None:

@@ -7,6 +7,9 @@ why), retained `overflow/routing/{origin}/{service}` (the current shares), and d
 alerts (router/watch/alerts.py). After every (re)connection it publishes everything again:
 a broker restarted without persistence, or a new one after a reload, has lost the retained
 messages that partners and dashboards read on subscribing.
+
+With several routers only the leader publishes (`lead`, router/infra/leader.py), so partners
+read one router's view, not several flickering; a router taking over publishes everything.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ REFRESH_INTERVAL_S = 1.0
 
 class Publisher:
     def __init__(self, config: RouterConfig, *, watcher: Watcher, calls: CallDesk,
-                 mqtt: MqttLink | None, wall_clock: Callable[[], float] = time.time):
+                 mqtt: MqttLink | None, wall_clock: Callable[[], float] = time.time,
+                 leading: bool = True):
+        """`leading`: whether to publish from the start (several routers: once it leads)."""
         self._config = config
         self._watcher = watcher
         self._calls = calls
@@ -44,6 +49,8 @@ class Publisher:
         self.alerter = Alerter(config, mqtt, wall_clock)
         self._states: dict[str, dict[str, Any]] = {}  # force → its last transition, as sent
         self._sent: dict[str, Any] = {}  # topic → last payload sent (retained ones only)
+        self.leading = leading
+        self.alerter.speaking = leading
         self._unsubscribe: list[Unsubscribe] = [
             watcher.add_listener(lambda _: self.refresh()),
             watcher.add_transition_listener(self._on_transition),
@@ -55,6 +62,13 @@ class Publisher:
         self._config = config
         self.alerter.config = config
         self._states = {f: s for f, s in self._states.items() if f in config.forces}
+        self.refresh()
+
+    def lead(self, leading: bool) -> None:
+        """This router leads now, or no longer: leading, it publishes everything afresh."""
+        self.leading = leading
+        self.alerter.speak(leading)
+        self._sent.clear()
         self.refresh()
 
     def close(self) -> None:
@@ -81,7 +95,7 @@ class Publisher:
         snapshot = self._watcher.snapshot
         diversions = self._calls.diversions(snapshot)
         self.alerter.observe(diversions, snapshot)
-        if self._mqtt is None:
+        if self._mqtt is None or not self.leading:
             return
         for force, base in self._states.items():
             view = snapshot.get(force)

@@ -195,10 +195,16 @@ def write_forces(path: Path, centres: dict[str, Centre], partners: dict[str, lis
 
 @dataclass
 class Router:
+    """`python -m router run` as its own process. `name` names its log (`NAME.log` in
+    `workdir`); `env` is added to the tokens' environment (e.g. `OVERFLOW_INSTANCE`, more
+    tokens)."""
+
     config: Path
     port: int
     workdir: Path
     proc: asyncio.subprocess.Process | None = None
+    name: str = "router"
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -207,8 +213,28 @@ class Router:
     async def start(self) -> None:
         self.proc = await spawn(sys.executable, "-m", "router", "run", "--config",
                                 str(self.config), "--host", "127.0.0.1", "--port", str(self.port),
-                                log=self.workdir / "router.log", env=TOKENS, cwd=ROOT)
+                                log=self.workdir / f"{self.name}.log", env=TOKENS | self.env,
+                                cwd=ROOT)
         await self.wait_states(lambda states: True, timeout_s=15)
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown at all, as a crashed host or the OOM killer leaves it."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+        self.proc = None
+
+    async def readyz(self, timeout_s: float = 1.0) -> dict[str, Any] | None:
+        """`/readyz`'s JSON (200 or 503), or None when the router does not answer."""
+        try:
+            async with aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as http, \
+                    http.get(f"{self.url}/readyz") as response:
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
 
     async def states(self) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {TOKENS[VIEWER_ENV]}"}
@@ -267,9 +293,14 @@ class Proxy:
                 f"router{n}=>{url.replace('://', f'://telephony:{token}@', 1).rstrip('/')}"
             for n, url in enumerate(self.routers, 1)}
 
+    @property
+    def out(self) -> Path:
+        """Where the rendered config and `kamailio.log` are."""
+        return self.workdir / (f"kamailio-router-{self.port}" if self.router_url
+                               else f"kamailio-static-{self.port}")
+
     async def start(self) -> None:
-        out = self.workdir / (f"kamailio-router-{self.port}" if self.router_url
-                              else f"kamailio-static-{self.port}")
+        out = self.out
         mode = [a for url in self.routers for a in ("--router", url)] or ["--static"]
         if not self.keepalive:
             mode.append("--no-keepalive")

@@ -14,6 +14,7 @@ from router.handoff.store.base import (
     MAX_BATCH,
     HandoffStore,
     HistoryEntry,
+    Need,
     StatusChange,
     StoredHandoff,
     StoreError,
@@ -22,7 +23,7 @@ from router.handoff.store.base import (
 from router.handoff.store.postgres import PostgresStore
 from router.handoff.store.sqlite import SqliteStore
 
-__all__ = ["MAX_BATCH", "HandoffStore", "HistoryEntry", "PostgresStore", "SqliteStore",
+__all__ = ["MAX_BATCH", "HandoffStore", "HistoryEntry", "Need", "PostgresStore", "SqliteStore",
            "StatusChange", "StoreError", "StoredHandoff", "open_store", "storable",
            "store_for"]
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.handoff.incident import TERMINAL, UNSTORABLE
+from router.handoff.incident import RANK, TERMINAL, UNSTORABLE
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ MAX_TEXT = 1000  # characters of free text kept per reason or history detail
 FINAL_SQL = ", ".join(f"'{status}'" for status in sorted(TERMINAL))
 COLUMNS = ("id, from_force, incident_id, to_force, priority, status, incident, accepted_at, "
            "updated_at, attempts, reason, escalated_at, delivered_at, history")
+LEASE_S = 5.0  # a claim not renewed for this long is another router's to take
 
 
 class StoreError(Exception):
@@ -99,6 +100,16 @@ class StatusChange:
     to_force: str | None = None  # offered to another destination: to be delivered again
 
 
+@dataclass(frozen=True, slots=True)
+class Need:
+    """Which handoffs need a router: every one not final and not yet delivered, and those
+    delivered since `awaiting_since`, with a deadline for a dispatcher's answer (`awaited`
+    priorities), that nobody has answered yet."""
+
+    awaiting_since: float
+    awaited: tuple[str, ...]
+
+
 @dataclass(slots=True)
 class _Pending:
     inserts: list[tuple[StoredHandoff, asyncio.Future[bool]]] = field(default_factory=list)
@@ -109,10 +120,20 @@ class _Pending:
 
 
 class HandoffStore(ABC):
-    """The outbox. `insert` and `record` return only once the row is durable."""
+    """The outbox, and the queue routers deliver from. `insert` and `record` return only once
+    the row is durable.
+
+    Every unfinished handoff is *claimed* by one router (`owner`) for `lease_s`, so that one
+    router, and only one, delivers it and watches its deadlines. A router claims what it
+    accepts (`insert`) and what it sends on to the next partner (a change with `to_force`),
+    renews its claims while it lives (`renew`), takes any claim left to expire (`claim`: a
+    dead router's), and gives its claims up when it stops (`release`). Leases are timed by the
+    database's clock, so routers' clocks need not agree."""
 
     def __init__(self, max_batch: int = MAX_BATCH) -> None:
         self.max_batch = max_batch  # 1 turns group commit off (one transaction per row)
+        self.owner = "router"  # this router's name (router/infra/instance.py)
+        self.lease_s = LEASE_S
         self._queue: asyncio.Queue[tuple[StoredHandoff | StatusChange, asyncio.Future[bool]]]
         self._queue = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -157,9 +178,20 @@ class HandoffStore(ABC):
                     limit: int = 100) -> list[StoredHandoff]: ...
 
     @abstractmethod
-    async def unfinished(self, awaiting_since: float) -> list[StoredHandoff]:
-        """What a restarted desk must resume: every handoff not final and not yet delivered,
-        and those delivered since `awaiting_since` still awaiting a dispatcher's answer."""
+    async def claim(self, need: Need, *, limit: int, mine: bool = False) -> list[StoredHandoff]:
+        """Claim up to `limit` handoffs that `need` a router and that nobody holds (never
+        claimed, or the claim expired), P1 first, then oldest. `mine`, at start: also those
+        held under this router's own name before a restart (on SQLite, one router to a file:
+        every one)."""
+
+    @abstractmethod
+    async def renew(self, ids: Sequence[str], need: Need) -> set[str]:
+        """Extend this router's claims on `ids`; return those it still holds and that still
+        need it (the rest were taken over, answered or finished elsewhere)."""
+
+    @abstractmethod
+    async def release(self) -> None:
+        """Give up every claim this router holds, so others take them at once."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -346,10 +378,17 @@ def entry_of(change: StatusChange) -> HistoryEntry:
     return HistoryEntry(change.at, change.status, change.detail, change.data)
 
 
-# the rows a restarted desk resumes (see HandoffStore.unfinished); one parameter, the time
-UNFINISHED_SQL = (f"WHERE status NOT IN ({FINAL_SQL}) AND (delivered_at IS NULL OR "
-                  "(status IN ('delivered', 'escalated') AND delivered_at >= {mark})) "
-                  "ORDER BY accepted_at")
+def need_sql(since: str, awaited: str) -> str:
+    """The rows that need a router (see `Need`), with each backend's parameter marks; the
+    awaited priorities are one parameter (a text array, or a JSON list in SQLite)."""
+    return (f"status NOT IN ({FINAL_SQL}) AND (delivered_at IS NULL OR (status IN "
+            f"('delivered', 'escalated') AND delivered_at >= {since} AND priority IN "
+            f"{awaited}))")
+
+
+def by_urgency(rows: list[StoredHandoff]) -> list[StoredHandoff]:
+    """P1 first, then oldest: the order a claim is taken and delivered in."""
+    return sorted(rows, key=lambda h: (RANK.get(h.priority, len(RANK)), h.accepted_at, h.id))
 
 
 def filters(status: str | None, to: str | None, mark1: str,
