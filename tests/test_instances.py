@@ -100,6 +100,17 @@ class Routers:
         proc.send_signal(how)
         await asyncio.to_thread(proc.wait, 15)
 
+    async def hand_over(self, session: aiohttp.ClientSession, name: str,
+                        incidents: list[dict[str, Any]]) -> list[str]:
+        """Kent hands the incidents to router `name`; the ids of the handoffs (all 202)."""
+        ids = []
+        for body in incidents:
+            async with session.post(f"{self.base(name)}/v1/handoffs", json=body, headers={
+                    "Authorization": f"Bearer {TOKENS['partner:kent']}"}) as resp:
+                assert resp.status == 202, await resp.text()
+                ids.append((await resp.json())["id"])
+        return ids
+
     async def ready(self, session: aiohttp.ClientSession, name: str) -> dict[str, Any]:
         async with session.get(f"{self.base(name)}/readyz") as resp:
             body: dict[str, Any] = await resp.json()
@@ -130,19 +141,13 @@ async def until(check: Any, within_s: float, every_s: float = 0.05) -> float:
 async def test_a_killed_routers_handoffs_are_delivered_by_another(
         tmp_path: Path, pg_dsn: str) -> None:
     names = ["a", "b"]
-    headers = {"Authorization": f"Bearer {TOKENS['partner:kent']}"}
     async with met_cad() as (cad, url), aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=5)) as session:
         with routers(tmp_path, configs(tmp_path, pg_dsn, url, names), names) as group:
             for name in names:
                 await group.start(session, name)
-            accepted = []
-            for n in range(12):
-                async with session.post(f"{group.base('a')}/v1/handoffs", headers=headers,
-                                        json=incident(n, priority="P1" if n % 3 else "P2")
-                                        ) as resp:
-                    assert resp.status == 202, await resp.text()
-                    accepted.append((await resp.json())["id"])
+            accepted = await group.hand_over(session, "a", [
+                incident(n, priority="P1" if n % 3 else "P2") for n in range(12)])
             await asyncio.sleep(1.5)  # a tries them and holds them: the CAD refuses
             assert not cad.keys
             await group.stop("a", signal.SIGKILL)
@@ -169,19 +174,13 @@ async def test_a_router_stopping_cleanly_hands_over_nothing_a_cad_already_took(
     """SIGTERM while deliveries are in flight: they finish and are recorded before the claims
     are given up, so the router taking the rest sends none of them again."""
     names = ["a", "b"]
-    headers = {"Authorization": f"Bearer {TOKENS['partner:kent']}"}
     async with met_cad() as (cad, url), aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=5)) as session:
         cad.open, cad.delay_s = True, 0.3  # a slow CAD: deliveries are in flight at the stop
         with routers(tmp_path, configs(tmp_path, pg_dsn, url, names), names) as group:
             for name in names:
                 await group.start(session, name)
-            accepted = []
-            for n in range(40):
-                async with session.post(f"{group.base('a')}/v1/handoffs", headers=headers,
-                                        json=incident(n)) as resp:
-                    assert resp.status == 202, await resp.text()
-                    accepted.append((await resp.json())["id"])
+            accepted = await group.hand_over(session, "a", [incident(n) for n in range(40)])
             await asyncio.sleep(0.5)
             await group.stop("a", signal.SIGTERM)
 
