@@ -220,7 +220,8 @@ def test_an_outage_and_an_escalated_handoff_appear_without_reload(
     wait_for(lambda: "NORMAL" in headline(page, "met"), 10, "the Met NORMAL")
     running.call(running.demo.fail, "met")
     wait_for(lambda: "DOWN" in headline(page, "met"), 5, "the Met DOWN on the open page")
-    assert "kent" in page.locator('#routing tr[data-origin="met"]').inner_text()
+    wait_for(lambda: "kent" in page.locator('#routing tr[data-origin="met"]').inner_text(), 5,
+             "the Met's calls routed to Kent")
     # Kent's partner view: the Met's calls coming to Kent
     partner.wait_for_selector("#incoming tr td", timeout=5_000)
     wait_for(lambda: "met" in partner.locator("#incoming").inner_text(), 5,
