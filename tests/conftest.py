@@ -148,6 +148,14 @@ def pg_dsn() -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The handoff store (and the state beside it) in SQLite, then in a fresh PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'handoffs.db'}"
+    return str(request.getfixturevalue("pg_dsn"))
+
+
 async def stop_task(task: asyncio.Task[object]) -> None:
     """Cancel a task and wait for it, cancelling again if it swallowed the first cancel:
     on Python 3.11 aiomqtt's `wait_for`-timed calls can drop a cancellation that arrives as

@@ -133,13 +133,6 @@ async def test_late_handoff_escalates_with_alert_sheet_and_metric(tmp_path: Path
     assert [h["status"] for h in done["history"]][-2:] == ["escalated", "delivered"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'handoffs.db'}"
-    return str(request.getfixturevalue("pg_dsn"))
-
-
 async def test_restart_resumes_every_unfinished_handoff(tmp_path: Path, store_url: str) -> None:
     config = make_config(tmp_path, store=store_url)
     cads = Cads()

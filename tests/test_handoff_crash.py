@@ -64,13 +64,6 @@ async def cad() -> AsyncIterator[tuple[CountingCad, str]]:
         await runner.cleanup()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'handoffs.db'}"
-    return str(request.getfixturevalue("pg_dsn"))
-
-
 class Router:
     """The service as a child process, started and SIGKILLed at will."""
 

@@ -43,13 +43,6 @@ GOOD = 150  # concurrent good submissions around each bad one
 GARBAGE = b"\xff\xfe\x00garbage"  # not UTF-8, not JSON, and a NUL
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'handoffs.db'}"
-    return str(request.getfixturevalue("pg_dsn"))
-
-
 @pytest.fixture(autouse=True)
 def fresh_sim_cads() -> None:
     sim.reset()

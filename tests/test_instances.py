@@ -18,7 +18,7 @@ import pytest
 import yaml
 from aiohttp import web
 from conftest import Broker, free_port, served
-from handoff_support import incident
+from handoff_support import incident, wait_for
 from service_support import (
     MANAGER,
     TOKENS,
@@ -128,16 +128,6 @@ def routers(tmp: Path, paths: list[Path], names: list[str]) -> Iterator[Routers]
         yield group
 
 
-async def until(check: Any, within_s: float, every_s: float = 0.05) -> float:
-    """Seconds until the async `check()` holds; AssertionError after `within_s`."""
-    began = time.monotonic()
-    while time.monotonic() - began < within_s:
-        if await check():
-            return time.monotonic() - began
-        await asyncio.sleep(every_s)
-    raise AssertionError(f"not so within {within_s} s")
-
-
 async def test_a_killed_routers_handoffs_are_delivered_by_another(
         tmp_path: Path, pg_dsn: str) -> None:
     names = ["a", "b"]
@@ -153,11 +143,7 @@ async def test_a_killed_routers_handoffs_are_delivered_by_another(
             await group.stop("a", signal.SIGKILL)
             cad.open = True
             killed = time.monotonic()
-
-            async def all_delivered() -> bool:
-                return set(accepted) <= set(cad.keys)
-
-            await until(all_delivered, 20)
+            await wait_for(lambda: set(accepted) <= set(cad.keys), 20)
             took = time.monotonic() - killed
             async with session.get(f"{group.base('b')}/metrics") as resp:
                 metrics = await resp.text()
@@ -183,11 +169,7 @@ async def test_a_router_stopping_cleanly_hands_over_nothing_a_cad_already_took(
             accepted = await group.hand_over(session, "a", [incident(n) for n in range(40)])
             await asyncio.sleep(0.5)
             await group.stop("a", signal.SIGTERM)
-
-            async def all_delivered() -> bool:
-                return set(accepted) <= set(cad.keys)
-
-            await until(all_delivered, 30)
+            await wait_for(lambda: set(accepted) <= set(cad.keys), 30)
     assert sorted(cad.keys) == sorted(accepted)  # each once
 
 
@@ -202,11 +184,13 @@ async def test_one_router_leads_and_another_takes_over_when_it_dies(
             async def one_leader() -> bool:
                 return len(await group.leaders(session)) == 1
 
-            await until(one_leader, 5)
+            await wait_for(one_leader, 5)
             for how, within_s in ((signal.SIGKILL, 5.0), (signal.SIGTERM, 2.0)):
                 leader = (await group.leaders(session))[0]
                 await group.stop(leader, how)
-                took = await until(one_leader, within_s)
+                stopped = time.monotonic()
+                await wait_for(one_leader, within_s)
+                took = time.monotonic() - stopped
                 assert (await group.leaders(session))[0] != leader
                 assert took < within_s, (how, took)
                 await group.start(session, leader)  # back, and not leading: the lease is held

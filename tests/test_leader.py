@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from conftest import free_port
@@ -14,13 +13,6 @@ from handoff_support import wait_for
 
 from router.infra import leader
 from router.infra.leader import Leadership
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    return str(request.getfixturevalue("pg_dsn"))
 
 
 @contextlib.asynccontextmanager
@@ -34,8 +26,8 @@ async def running(lead: Leadership) -> AsyncIterator[asyncio.Task[None]]:
             await task
 
 
-async def test_one_leads_and_a_clean_stop_hands_over_at_once(url: str) -> None:
-    a, b = Leadership(url, "a"), Leadership(url, "b")
+async def test_one_leads_and_a_clean_stop_hands_over_at_once(store_url: str) -> None:
+    a, b = Leadership(store_url, "a"), Leadership(store_url, "b")
     heard: list[bool] = []
     b.on_change(heard.append)
     async with running(b) as task_b:
@@ -50,10 +42,10 @@ async def test_one_leads_and_a_clean_stop_hands_over_at_once(url: str) -> None:
     assert heard == [True, False]
 
 
-async def test_a_dead_leaders_lease_is_taken_once_it_expires(url: str,
+async def test_a_dead_leaders_lease_is_taken_once_it_expires(store_url: str,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
-    a, b = Leadership(url, "a"), Leadership(url, "b")
+    a, b = Leadership(store_url, "a"), Leadership(store_url, "b")
     async with running(a) as task_a:
         await wait_for(lambda: a.leading, 3)
         async def dead() -> None:  # killed: it gives nothing up

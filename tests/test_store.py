@@ -22,13 +22,6 @@ from router.handoff.store import (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'handoffs.db'}"
-    return str(request.getfixturevalue("pg_dsn"))
-
-
 @pytest.fixture
 async def store(store_url: str) -> AsyncIterator[HandoffStore]:
     async with open_store(store_url) as s:

@@ -51,7 +51,8 @@ class Alerter:
         self._outbox: deque[tuple[str, str, dict[str, Any]]] = deque(maxlen=MAX_PENDING)
         self._wake = asyncio.Event()
         self.sent: list[dict[str, Any]] = []  # recent alerts, newest last (for status pages)
-        self.speaking = True  # False while another router leads: it tells partners
+        self.speaking = True  # False while another router leads (router/infra/leader.py): it
+        # tells partners, and publishes the retained state (Publisher)
         self._quiet: deque[tuple[float, dict[str, Any]]] = deque(maxlen=MAX_PENDING)
 
     def speak(self, speaking: bool) -> None:

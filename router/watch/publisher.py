@@ -49,7 +49,6 @@ class Publisher:
         self.alerter = Alerter(config, mqtt, wall_clock)
         self._states: dict[str, dict[str, Any]] = {}  # force → its last transition, as sent
         self._sent: dict[str, Any] = {}  # topic → last payload sent (retained ones only)
-        self.leading = leading
         self.alerter.speaking = leading
         self._unsubscribe: list[Unsubscribe] = [
             watcher.add_listener(lambda _: self.refresh()),
@@ -66,7 +65,6 @@ class Publisher:
 
     def lead(self, leading: bool) -> None:
         """This router leads now, or no longer: leading, it publishes everything afresh."""
-        self.leading = leading
         self.alerter.speak(leading)
         self._sent.clear()
         self.refresh()
@@ -95,7 +93,7 @@ class Publisher:
         snapshot = self._watcher.snapshot
         diversions = self._calls.diversions(snapshot)
         self.alerter.observe(diversions, snapshot)
-        if self._mqtt is None or not self.leading:
+        if self._mqtt is None or not self.alerter.speaking:
             return
         for force, base in self._states.items():
             view = snapshot.get(force)
